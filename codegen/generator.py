@@ -1,0 +1,173 @@
+"""The pipeline: read -> infer -> render, and the drift check of committed bridges.
+
+Everything is computed in memory first and written only once nothing can fail any more, so a bad
+input leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from codegen import index as bridge_index
+from codegen import sources
+from codegen.errors import CodegenError
+from codegen.render import Origin, module_name, render_bridge, write_atomic
+from codegen.spec import LayoutChoices, ModelSpec, infer_spec
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GENERATED = REPO_ROOT / "generated"
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the user asked to generate."""
+
+    ref: str
+    index: Path | None = None
+    choices: LayoutChoices = LayoutChoices()
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Generated:
+    """A rendered bridge, not yet written."""
+
+    source: sources.Source
+    spec: ModelSpec
+    module: str
+    text: str
+    entry: bridge_index.Entry
+
+
+def infer(request: Request) -> tuple[sources.Source, ModelSpec]:
+    source = sources.resolve(request.ref, index=request.index, repo_root=REPO_ROOT)
+    spec = infer_spec(
+        source.config,
+        weight_map=source.weight_map,
+        statements=source.statements,
+        choices=request.choices,
+    )
+    return source, spec
+
+
+def options_of(request: Request) -> dict[str, str]:
+    """The command-line options that must be repeated to regenerate the same bridge."""
+    options = {}
+    if request.index is not None:
+        options["index"] = sources.recorded_path(request.index, REPO_ROOT)
+    for key in ("experts", "mtp_experts", "hf_prefix"):
+        value = getattr(request.choices, key)
+        if value is not None:
+            options[key] = value
+    if request.name is not None:
+        options["name"] = request.name
+    return options
+
+
+def command_of(ref: str, options: dict[str, str]) -> str:
+    parts = ["codegen", "generate", ref]
+    for key, value in sorted(options.items()):
+        parts += [f"--{key.replace('_', '-')}", value]
+    return shlex.join(parts)
+
+
+def generate(request: Request) -> Generated:
+    """Render the bridge for `request` (nothing is written)."""
+    source, spec = infer(request)
+    if spec.needs_mtp_experts_choice:
+        raise CodegenError(
+            f"{source.model_id}: how the MTP layer's experts are stored is unknown (no index, no catalog "
+            "statement); pass --mtp-experts packed|per_expert"
+        )
+    options = options_of(request)
+    command = command_of(source.ref, options)
+    module = request.name or module_name(source.model_id)
+    origin = Origin(source.ref, source.provenance, source.config_sha256, source.index_sha256, command)
+    text = render_bridge(spec, source.model_id, origin)
+    entry = bridge_index.Entry(
+        model_id=source.model_id,
+        module=module,
+        source=source.ref,
+        options=options,
+        spec_sha256=spec.fingerprint(),
+    )
+    return Generated(source=source, spec=spec, module=module, text=text, entry=entry)
+
+
+def write(generated: Generated, out: Path) -> list[Path]:
+    """Write the module into `out`; in the committed folder, also update the index."""
+    files = {out / f"{generated.module}.py": generated.text}
+    if out.resolve() == GENERATED.resolve():
+        entries = bridge_index.read(GENERATED)
+        clash = [e for e in entries.values() if e.module == generated.module and e.model_id != generated.entry.model_id]
+        if clash:
+            raise CodegenError(f"module {generated.module} already holds {clash[0].model_id}; pass --name")
+        entries[generated.entry.model_id] = generated.entry
+        files.update({GENERATED / name: text for name, text in bridge_index.render(entries).items()})
+    for path, text in files.items():
+        write_atomic(path, text)
+    return list(files)
+
+
+@dataclass(frozen=True)
+class Drift:
+    """One problem `check` found, and the command that fixes it."""
+
+    path: str
+    problem: str
+    fix: str
+
+
+def check(folder: Path = GENERATED) -> list[Drift]:
+    """Regenerate every committed bridge from its recorded source and compare, byte for byte."""
+    drifts: list[Drift] = []
+    entries = bridge_index.read(folder)
+    expected: dict[str, str] = {}
+    for entry in entries.values():
+        command = command_of(entry.source, entry.options)
+        if not _committable(entry.source):
+            drifts.append(Drift(entry.model_id, f"source {entry.source} is neither a catalog id nor a file in the repository", "regenerate from `catalog:ID` or a config inside the repository"))
+            continue
+        try:
+            generated = generate(request_of(entry))
+        except CodegenError as e:
+            drifts.append(Drift(f"{entry.module}.py", f"cannot regenerate: {e}", command))
+            continue
+        expected[f"{entry.module}.py"] = generated.text
+    expected.update(bridge_index.render(entries))
+    for name, text in sorted(expected.items()):
+        path = folder / name
+        if not path.is_file():
+            drifts.append(Drift(f"generated/{name}", "missing", _fix(name, entries)))
+        elif path.read_text(encoding="utf-8") != text:
+            drifts.append(Drift(f"generated/{name}", "differs from what the generator produces", _fix(name, entries)))
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name not in expected and not path.name.startswith("."):
+            drifts.append(Drift(f"generated/{path.name}", "not produced by any index entry", f"git rm generated/{path.name}"))
+    return drifts
+
+
+def _fix(name: str, entries: dict[str, bridge_index.Entry]) -> str:
+    for entry in entries.values():
+        if f"{entry.module}.py" == name:
+            return command_of(entry.source, entry.options)
+    return "regenerate any bridge (`codegen generate catalog:ID`) to rewrite the index"
+
+
+def request_of(entry: bridge_index.Entry) -> Request:
+    opts = entry.options
+    return Request(
+        ref=entry.source,
+        index=REPO_ROOT / opts["index"] if "index" in opts else None,
+        choices=LayoutChoices(experts=opts.get("experts"), mtp_experts=opts.get("mtp_experts"), hf_prefix=opts.get("hf_prefix")),
+        name=opts.get("name"),
+    )
+
+
+def _committable(ref: str) -> bool:
+    if ref.startswith(sources.CATALOG_SCHEME):
+        return True
+    path = Path(ref)
+    return not path.is_absolute() and (REPO_ROOT / path).exists()
