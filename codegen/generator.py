@@ -120,8 +120,9 @@ class Drift:
     fix: str
 
 
-def check(folder: Path = GENERATED) -> list[Drift]:
+def check(folder: Path | None = None) -> list[Drift]:
     """Regenerate every committed bridge from its recorded source and compare, byte for byte."""
+    folder = folder or GENERATED
     drifts: list[Drift] = []
     entries = bridge_index.read(folder)
     expected: dict[str, str] = {}

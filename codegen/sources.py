@@ -111,7 +111,8 @@ def _from_hub(repo_id: str, index: Path | None) -> Source | None:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     reachable = False
-    if not constants.HF_HUB_OFFLINE:
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    if not offline:
         try:
             huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo_id, CONFIG_NAME), timeout=5)
             reachable = True
