@@ -101,21 +101,27 @@ GPT_MODEL_ARGS = dict(
     share_embeddings_and_output_weights=True,
 )
 
-# Megatron tensor <- HF tensor(s), top to bottom. `{i}` is the layer, `{e}` the expert; `tp` says
-# how the Megatron tensor is cut across tensor-parallel ranks.
+# Megatron tensor <- HF tensor(s), top to bottom. `{i}` is the layer, `{e}` the expert; `shape` is
+# the HF tensor's; `tp` says how the Megatron tensor is cut across tensor-parallel ranks.
 MAPPINGS = (
     # -- Embedding, final norm, output layer -------------------------------------------------------
     Rename(
         "language_model.embedding.word_embeddings.weight",
         hf="model.language_model.embed_tokens.weight",
+        shape=(248320, 1024),
         tp=VOCAB,
     ),
-    Rename("language_model.decoder.final_layernorm.weight", hf="model.language_model.norm.weight"),
+    Rename(
+        "language_model.decoder.final_layernorm.weight",
+        hf="model.language_model.norm.weight",
+        shape=(1024,),
+    ),
     # The output layer is the embedding (tie_word_embeddings): the checkpoint has no lm_head.weight.
     # -- Gated DeltaNet: GDN_LAYERS ----------------------------------------------------------------
     Rename(
         "language_model.decoder.layers.{i}.self_attention.in_proj.layer_norm_weight",
         hf="model.language_model.layers.{i}.input_layernorm.weight",
+        shape=(1024,),
         layers=GDN_LAYERS,
     ),
     GDNInProj(
@@ -125,34 +131,40 @@ MAPPINGS = (
         b="model.language_model.layers.{i}.linear_attn.in_proj_b.weight",
         a="model.language_model.layers.{i}.linear_attn.in_proj_a.weight",
         dims=GDN,
+        hidden=1024,
         layers=GDN_LAYERS,
     ),
     GDNConv1d(
         "language_model.decoder.layers.{i}.self_attention.conv1d.weight",
         hf="model.language_model.layers.{i}.linear_attn.conv1d.weight",
         dims=GDN,
+        kernel=4,
         layers=GDN_LAYERS,
     ),
     Rename(
         "language_model.decoder.layers.{i}.self_attention.A_log",
         hf="model.language_model.layers.{i}.linear_attn.A_log",
+        shape=(16,),
         tp=COLUMN,
         layers=GDN_LAYERS,
     ),
     Rename(
         "language_model.decoder.layers.{i}.self_attention.dt_bias",
         hf="model.language_model.layers.{i}.linear_attn.dt_bias",
+        shape=(16,),
         tp=COLUMN,
         layers=GDN_LAYERS,
     ),
     GDNOutNorm(
         "language_model.decoder.layers.{i}.self_attention.out_norm.weight",
         hf="model.language_model.layers.{i}.linear_attn.norm.weight",
+        shape=(128,),
         layers=GDN_LAYERS,
     ),
     Rename(
         "language_model.decoder.layers.{i}.self_attention.out_proj.weight",
         hf="model.language_model.layers.{i}.linear_attn.out_proj.weight",
+        shape=(1024, 2048),
         tp=ROW,
         layers=GDN_LAYERS,
     ),
@@ -160,6 +172,7 @@ MAPPINGS = (
     Rename(
         "language_model.decoder.layers.{i}.self_attention.linear_qkv.layer_norm_weight",
         hf="model.language_model.layers.{i}.input_layernorm.weight",
+        shape=(1024,),
         layers=ATTENTION_LAYERS,
     ),
     GatedQKV(
@@ -168,21 +181,25 @@ MAPPINGS = (
         k="model.language_model.layers.{i}.self_attn.k_proj.weight",
         v="model.language_model.layers.{i}.self_attn.v_proj.weight",
         dims=ATTENTION,
+        hidden=1024,
         layers=ATTENTION_LAYERS,
     ),
     Rename(
         "language_model.decoder.layers.{i}.self_attention.q_layernorm.weight",
         hf="model.language_model.layers.{i}.self_attn.q_norm.weight",
+        shape=(256,),
         layers=ATTENTION_LAYERS,
     ),
     Rename(
         "language_model.decoder.layers.{i}.self_attention.k_layernorm.weight",
         hf="model.language_model.layers.{i}.self_attn.k_norm.weight",
+        shape=(256,),
         layers=ATTENTION_LAYERS,
     ),
     Rename(
         "language_model.decoder.layers.{i}.self_attention.linear_proj.weight",
         hf="model.language_model.layers.{i}.self_attn.o_proj.weight",
+        shape=(1024, 2048),
         tp=ROW,
         layers=ATTENTION_LAYERS,
     ),
@@ -190,17 +207,20 @@ MAPPINGS = (
     Rename(
         "language_model.decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight",
         hf="model.language_model.layers.{i}.post_attention_layernorm.weight",
+        shape=(1024,),
         layers=DENSE_MLP_LAYERS,
     ),
     GLU(
         "language_model.decoder.layers.{i}.mlp.linear_fc1.weight",
         gate="model.language_model.layers.{i}.mlp.gate_proj.weight",
         up="model.language_model.layers.{i}.mlp.up_proj.weight",
+        shape=(3584, 1024),
         layers=DENSE_MLP_LAYERS,
     ),
     Rename(
         "language_model.decoder.layers.{i}.mlp.linear_fc2.weight",
         hf="model.language_model.layers.{i}.mlp.down_proj.weight",
+        shape=(1024, 3584),
         tp=ROW,
         layers=DENSE_MLP_LAYERS,
     ),
@@ -208,28 +228,33 @@ MAPPINGS = (
     Rename(
         "language_model.mtp.layers.{i}.enorm.weight",
         hf="mtp.pre_fc_norm_embedding.weight",
+        shape=(1024,),
         layers=MTP_LAYERS,
     ),
     Rename(
         "language_model.mtp.layers.{i}.hnorm.weight",
         hf="mtp.pre_fc_norm_hidden.weight",
+        shape=(1024,),
         layers=MTP_LAYERS,
     ),
     Rename(
         "language_model.mtp.layers.{i}.eh_proj.weight",
         hf="mtp.fc.weight",
+        shape=(1024, 2048),
         tp=COLUMN,
         layers=MTP_LAYERS,
     ),
     Rename(
         "language_model.mtp.layers.{i}.final_layernorm.weight",
         hf="mtp.norm.weight",
+        shape=(1024,),
         layers=MTP_LAYERS,
     ),
     # -- Gated attention: MTP_LAYERS ---------------------------------------------------------------
     Rename(
         "language_model.mtp.layers.{i}.mtp_model_layer.self_attention.linear_qkv.layer_norm_weight",
         hf="mtp.layers.{i}.input_layernorm.weight",
+        shape=(1024,),
         layers=MTP_LAYERS,
     ),
     GatedQKV(
@@ -238,21 +263,25 @@ MAPPINGS = (
         k="mtp.layers.{i}.self_attn.k_proj.weight",
         v="mtp.layers.{i}.self_attn.v_proj.weight",
         dims=ATTENTION,
+        hidden=1024,
         layers=MTP_LAYERS,
     ),
     Rename(
         "language_model.mtp.layers.{i}.mtp_model_layer.self_attention.q_layernorm.weight",
         hf="mtp.layers.{i}.self_attn.q_norm.weight",
+        shape=(256,),
         layers=MTP_LAYERS,
     ),
     Rename(
         "language_model.mtp.layers.{i}.mtp_model_layer.self_attention.k_layernorm.weight",
         hf="mtp.layers.{i}.self_attn.k_norm.weight",
+        shape=(256,),
         layers=MTP_LAYERS,
     ),
     Rename(
         "language_model.mtp.layers.{i}.mtp_model_layer.self_attention.linear_proj.weight",
         hf="mtp.layers.{i}.self_attn.o_proj.weight",
+        shape=(1024, 2048),
         tp=ROW,
         layers=MTP_LAYERS,
     ),
@@ -260,104 +289,138 @@ MAPPINGS = (
     Rename(
         "language_model.mtp.layers.{i}.mtp_model_layer.mlp.linear_fc1.layer_norm_weight",
         hf="mtp.layers.{i}.post_attention_layernorm.weight",
+        shape=(1024,),
         layers=MTP_LAYERS,
     ),
     GLU(
         "language_model.mtp.layers.{i}.mtp_model_layer.mlp.linear_fc1.weight",
         gate="mtp.layers.{i}.mlp.gate_proj.weight",
         up="mtp.layers.{i}.mlp.up_proj.weight",
+        shape=(3584, 1024),
         layers=MTP_LAYERS,
     ),
     Rename(
         "language_model.mtp.layers.{i}.mtp_model_layer.mlp.linear_fc2.weight",
         hf="mtp.layers.{i}.mlp.down_proj.weight",
+        shape=(1024, 3584),
         tp=ROW,
         layers=MTP_LAYERS,
     ),
     # -- Vision tower (HF model.visual.*, Megatron vision_model.*) ---------------------------------
-    Rename("vision_model.patch_embed.proj.weight", hf="model.visual.patch_embed.proj.weight"),
-    Rename("vision_model.patch_embed.proj.bias", hf="model.visual.patch_embed.proj.bias"),
-    Rename("vision_model.pos_embed.weight", hf="model.visual.pos_embed.weight"),
+    Rename(
+        "vision_model.patch_embed.proj.weight",
+        hf="model.visual.patch_embed.proj.weight",
+        shape=(768, 3, 2, 16, 16),
+    ),
+    Rename(
+        "vision_model.patch_embed.proj.bias", hf="model.visual.patch_embed.proj.bias", shape=(768,)
+    ),
+    Rename("vision_model.pos_embed.weight", hf="model.visual.pos_embed.weight", shape=(2304, 768)),
     Rename(
         "vision_model.decoder.layers.{i}.self_attention.linear_qkv.layer_norm_weight",
         hf="model.visual.blocks.{i}.norm1.weight",
+        shape=(768,),
         layers=VISION_LAYERS,
     ),
     Rename(
         "vision_model.decoder.layers.{i}.self_attention.linear_qkv.layer_norm_bias",
         hf="model.visual.blocks.{i}.norm1.bias",
+        shape=(768,),
         layers=VISION_LAYERS,
     ),
     VisionQKV(
         "vision_model.decoder.layers.{i}.self_attention.linear_qkv.weight",
         hf="model.visual.blocks.{i}.attn.qkv.weight",
         dims=VISION,
+        shape=(2304, 768),
         layers=VISION_LAYERS,
     ),
     VisionQKV(
         "vision_model.decoder.layers.{i}.self_attention.linear_qkv.bias",
         hf="model.visual.blocks.{i}.attn.qkv.bias",
         dims=VISION,
+        shape=(2304,),
         layers=VISION_LAYERS,
     ),
     Rename(
         "vision_model.decoder.layers.{i}.self_attention.linear_proj.weight",
         hf="model.visual.blocks.{i}.attn.proj.weight",
+        shape=(768, 768),
         tp=ROW,
         layers=VISION_LAYERS,
     ),
     Rename(
         "vision_model.decoder.layers.{i}.self_attention.linear_proj.bias",
         hf="model.visual.blocks.{i}.attn.proj.bias",
+        shape=(768,),
         layers=VISION_LAYERS,
     ),
     Rename(
         "vision_model.decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight",
         hf="model.visual.blocks.{i}.norm2.weight",
+        shape=(768,),
         layers=VISION_LAYERS,
     ),
     Rename(
         "vision_model.decoder.layers.{i}.mlp.linear_fc1.layer_norm_bias",
         hf="model.visual.blocks.{i}.norm2.bias",
+        shape=(768,),
         layers=VISION_LAYERS,
     ),
     Rename(
         "vision_model.decoder.layers.{i}.mlp.linear_fc1.weight",
         hf="model.visual.blocks.{i}.mlp.linear_fc1.weight",
+        shape=(3072, 768),
         tp=COLUMN,
         layers=VISION_LAYERS,
     ),
     Rename(
         "vision_model.decoder.layers.{i}.mlp.linear_fc1.bias",
         hf="model.visual.blocks.{i}.mlp.linear_fc1.bias",
+        shape=(3072,),
         tp=COLUMN,
         layers=VISION_LAYERS,
     ),
     Rename(
         "vision_model.decoder.layers.{i}.mlp.linear_fc2.weight",
         hf="model.visual.blocks.{i}.mlp.linear_fc2.weight",
+        shape=(768, 3072),
         tp=ROW,
         layers=VISION_LAYERS,
     ),
     Rename(
         "vision_model.decoder.layers.{i}.mlp.linear_fc2.bias",
         hf="model.visual.blocks.{i}.mlp.linear_fc2.bias",
+        shape=(768,),
         layers=VISION_LAYERS,
     ),
-    Rename("vision_model.merger.patch_norm.weight", hf="model.visual.merger.norm.weight"),
-    Rename("vision_model.merger.patch_norm.bias", hf="model.visual.merger.norm.bias"),
+    Rename(
+        "vision_model.merger.patch_norm.weight", hf="model.visual.merger.norm.weight", shape=(768,)
+    ),
+    Rename("vision_model.merger.patch_norm.bias", hf="model.visual.merger.norm.bias", shape=(768,)),
     Rename(
         "vision_model.merger.linear_fc1.weight",
         hf="model.visual.merger.linear_fc1.weight",
+        shape=(3072, 3072),
         tp=COLUMN,
     ),
     Rename(
-        "vision_model.merger.linear_fc1.bias", hf="model.visual.merger.linear_fc1.bias", tp=COLUMN
+        "vision_model.merger.linear_fc1.bias",
+        hf="model.visual.merger.linear_fc1.bias",
+        shape=(3072,),
+        tp=COLUMN,
     ),
     Rename(
-        "vision_model.merger.linear_fc2.weight", hf="model.visual.merger.linear_fc2.weight", tp=ROW
+        "vision_model.merger.linear_fc2.weight",
+        hf="model.visual.merger.linear_fc2.weight",
+        shape=(1024, 3072),
+        tp=ROW,
     ),
-    Rename("vision_model.merger.linear_fc2.bias", hf="model.visual.merger.linear_fc2.bias"),
+    Rename(
+        "vision_model.merger.linear_fc2.bias",
+        hf="model.visual.merger.linear_fc2.bias",
+        shape=(1024,),
+    ),
 )
 
 

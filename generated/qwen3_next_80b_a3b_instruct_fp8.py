@@ -39,7 +39,6 @@ HF_ARCHITECTURE = "Qwen3NextForCausalLM"
 SPEC_SHA256 = "0bb5622c6bfcc55effe0998c85db64eb46c124599ae559aee05a015d41e65b0c"
 
 NUM_LAYERS = 48
-NUM_EXPERTS = 512
 # fmt: off
 GDN_LAYERS = (
     0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, 16, 17, 18, 20, 21, 22, 24, 25, 26, 28, 29, 30, 32, 33,
@@ -111,17 +110,23 @@ GPT_MODEL_ARGS = dict(
     share_embeddings_and_output_weights=False,
 )
 
-# Megatron tensor <- HF tensor(s), top to bottom. `{i}` is the layer, `{e}` the expert; `tp` says
-# how the Megatron tensor is cut across tensor-parallel ranks.
+# Megatron tensor <- HF tensor(s), top to bottom. `{i}` is the layer, `{e}` the expert; `shape` is
+# the HF tensor's; `tp` says how the Megatron tensor is cut across tensor-parallel ranks.
 MAPPINGS = (
     # -- Embedding, final norm, output layer -------------------------------------------------------
-    Rename("embedding.word_embeddings.weight", hf="model.embed_tokens.weight", tp=VOCAB),
-    Rename("decoder.final_layernorm.weight", hf="model.norm.weight"),
-    Rename("output_layer.weight", hf="lm_head.weight", tp=VOCAB),
+    Rename(
+        "embedding.word_embeddings.weight",
+        hf="model.embed_tokens.weight",
+        shape=(151936, 2048),
+        tp=VOCAB,
+    ),
+    Rename("decoder.final_layernorm.weight", hf="model.norm.weight", shape=(2048,)),
+    Rename("output_layer.weight", hf="lm_head.weight", shape=(151936, 2048), tp=VOCAB),
     # -- Gated DeltaNet: GDN_LAYERS ----------------------------------------------------------------
     Rename(
         "decoder.layers.{i}.self_attention.in_proj.layer_norm_weight",
         hf="model.layers.{i}.input_layernorm.weight",
+        shape=(2048,),
         layers=GDN_LAYERS,
     ),
     GDNInProjGrouped(
@@ -129,34 +134,40 @@ MAPPINGS = (
         qkvz="model.layers.{i}.linear_attn.in_proj_qkvz.weight",
         ba="model.layers.{i}.linear_attn.in_proj_ba.weight",
         dims=GDN,
+        hidden=2048,
         layers=GDN_LAYERS,
     ),
     GDNConv1d(
         "decoder.layers.{i}.self_attention.conv1d.weight",
         hf="model.layers.{i}.linear_attn.conv1d.weight",
         dims=GDN,
+        kernel=4,
         layers=GDN_LAYERS,
     ),
     Rename(
         "decoder.layers.{i}.self_attention.A_log",
         hf="model.layers.{i}.linear_attn.A_log",
+        shape=(32,),
         tp=COLUMN,
         layers=GDN_LAYERS,
     ),
     Rename(
         "decoder.layers.{i}.self_attention.dt_bias",
         hf="model.layers.{i}.linear_attn.dt_bias",
+        shape=(32,),
         tp=COLUMN,
         layers=GDN_LAYERS,
     ),
     GDNOutNorm(
         "decoder.layers.{i}.self_attention.out_norm.weight",
         hf="model.layers.{i}.linear_attn.norm.weight",
+        shape=(128,),
         layers=GDN_LAYERS,
     ),
     Rename(
         "decoder.layers.{i}.self_attention.out_proj.weight",
         hf="model.layers.{i}.linear_attn.out_proj.weight",
+        shape=(2048, 4096),
         tp=ROW,
         layers=GDN_LAYERS,
     ),
@@ -164,6 +175,7 @@ MAPPINGS = (
     Rename(
         "decoder.layers.{i}.self_attention.linear_qkv.layer_norm_weight",
         hf="model.layers.{i}.input_layernorm.weight",
+        shape=(2048,),
         layers=ATTENTION_LAYERS,
     ),
     GatedQKV(
@@ -172,21 +184,25 @@ MAPPINGS = (
         k="model.layers.{i}.self_attn.k_proj.weight",
         v="model.layers.{i}.self_attn.v_proj.weight",
         dims=ATTENTION,
+        hidden=2048,
         layers=ATTENTION_LAYERS,
     ),
     Rename(
         "decoder.layers.{i}.self_attention.q_layernorm.weight",
         hf="model.layers.{i}.self_attn.q_norm.weight",
+        shape=(256,),
         layers=ATTENTION_LAYERS,
     ),
     Rename(
         "decoder.layers.{i}.self_attention.k_layernorm.weight",
         hf="model.layers.{i}.self_attn.k_norm.weight",
+        shape=(256,),
         layers=ATTENTION_LAYERS,
     ),
     Rename(
         "decoder.layers.{i}.self_attention.linear_proj.weight",
         hf="model.layers.{i}.self_attn.o_proj.weight",
+        shape=(2048, 4096),
         tp=ROW,
         layers=ATTENTION_LAYERS,
     ),
@@ -194,53 +210,82 @@ MAPPINGS = (
     Rename(
         "decoder.layers.{i}.pre_mlp_layernorm.weight",
         hf="model.layers.{i}.post_attention_layernorm.weight",
+        shape=(2048,),
         layers=MOE_LAYERS,
     ),
     Rename(
         "decoder.layers.{i}.mlp.router.weight",
         hf="model.layers.{i}.mlp.gate.weight",
+        shape=(512, 2048),
         layers=MOE_LAYERS,
     ),
     GLU(
         "decoder.layers.{i}.mlp.experts.linear_fc1.weight{e}",
         gate="model.layers.{i}.mlp.experts.{e}.gate_proj.weight",
         up="model.layers.{i}.mlp.experts.{e}.up_proj.weight",
-        experts=NUM_EXPERTS,
+        shape=(512, 2048),
+        experts=512,
         layers=MOE_LAYERS,
     ),
     Rename(
         "decoder.layers.{i}.mlp.experts.linear_fc2.weight{e}",
         hf="model.layers.{i}.mlp.experts.{e}.down_proj.weight",
-        experts=NUM_EXPERTS,
+        shape=(2048, 512),
         tp=ROW,
+        experts=512,
         layers=MOE_LAYERS,
     ),
     GLU(
         "decoder.layers.{i}.mlp.shared_experts.linear_fc1.weight",
         gate="model.layers.{i}.mlp.shared_expert.gate_proj.weight",
         up="model.layers.{i}.mlp.shared_expert.up_proj.weight",
+        shape=(512, 2048),
         layers=MOE_LAYERS,
     ),
     Rename(
         "decoder.layers.{i}.mlp.shared_experts.linear_fc2.weight",
         hf="model.layers.{i}.mlp.shared_expert.down_proj.weight",
+        shape=(2048, 512),
         tp=ROW,
         layers=MOE_LAYERS,
     ),
     Rename(
         "decoder.layers.{i}.mlp.shared_experts.gate_weight",
         hf="model.layers.{i}.mlp.shared_expert_gate.weight",
+        shape=(1, 2048),
         layers=MOE_LAYERS,
     ),
     # -- Multi-Token Prediction: MTP_LAYERS (HF keeps mtp.* at the top level) ----------------------
-    Rename("mtp.layers.{i}.enorm.weight", hf="mtp.pre_fc_norm_embedding.weight", layers=MTP_LAYERS),
-    Rename("mtp.layers.{i}.hnorm.weight", hf="mtp.pre_fc_norm_hidden.weight", layers=MTP_LAYERS),
-    Rename("mtp.layers.{i}.eh_proj.weight", hf="mtp.fc.weight", tp=COLUMN, layers=MTP_LAYERS),
-    Rename("mtp.layers.{i}.final_layernorm.weight", hf="mtp.norm.weight", layers=MTP_LAYERS),
+    Rename(
+        "mtp.layers.{i}.enorm.weight",
+        hf="mtp.pre_fc_norm_embedding.weight",
+        shape=(2048,),
+        layers=MTP_LAYERS,
+    ),
+    Rename(
+        "mtp.layers.{i}.hnorm.weight",
+        hf="mtp.pre_fc_norm_hidden.weight",
+        shape=(2048,),
+        layers=MTP_LAYERS,
+    ),
+    Rename(
+        "mtp.layers.{i}.eh_proj.weight",
+        hf="mtp.fc.weight",
+        shape=(2048, 4096),
+        tp=COLUMN,
+        layers=MTP_LAYERS,
+    ),
+    Rename(
+        "mtp.layers.{i}.final_layernorm.weight",
+        hf="mtp.norm.weight",
+        shape=(2048,),
+        layers=MTP_LAYERS,
+    ),
     # -- Gated attention: MTP_LAYERS ---------------------------------------------------------------
     Rename(
         "mtp.layers.{i}.mtp_model_layer.self_attention.linear_qkv.layer_norm_weight",
         hf="mtp.layers.{i}.input_layernorm.weight",
+        shape=(2048,),
         layers=MTP_LAYERS,
     ),
     GatedQKV(
@@ -249,21 +294,25 @@ MAPPINGS = (
         k="mtp.layers.{i}.self_attn.k_proj.weight",
         v="mtp.layers.{i}.self_attn.v_proj.weight",
         dims=ATTENTION,
+        hidden=2048,
         layers=MTP_LAYERS,
     ),
     Rename(
         "mtp.layers.{i}.mtp_model_layer.self_attention.q_layernorm.weight",
         hf="mtp.layers.{i}.self_attn.q_norm.weight",
+        shape=(256,),
         layers=MTP_LAYERS,
     ),
     Rename(
         "mtp.layers.{i}.mtp_model_layer.self_attention.k_layernorm.weight",
         hf="mtp.layers.{i}.self_attn.k_norm.weight",
+        shape=(256,),
         layers=MTP_LAYERS,
     ),
     Rename(
         "mtp.layers.{i}.mtp_model_layer.self_attention.linear_proj.weight",
         hf="mtp.layers.{i}.self_attn.o_proj.weight",
+        shape=(2048, 4096),
         tp=ROW,
         layers=MTP_LAYERS,
     ),
@@ -271,42 +320,49 @@ MAPPINGS = (
     Rename(
         "mtp.layers.{i}.mtp_model_layer.pre_mlp_layernorm.weight",
         hf="mtp.layers.{i}.post_attention_layernorm.weight",
+        shape=(2048,),
         layers=MTP_LAYERS,
     ),
     Rename(
         "mtp.layers.{i}.mtp_model_layer.mlp.router.weight",
         hf="mtp.layers.{i}.mlp.gate.weight",
+        shape=(512, 2048),
         layers=MTP_LAYERS,
     ),
     GLU(
         "mtp.layers.{i}.mtp_model_layer.mlp.experts.linear_fc1.weight{e}",
         gate="mtp.layers.{i}.mlp.experts.{e}.gate_proj.weight",
         up="mtp.layers.{i}.mlp.experts.{e}.up_proj.weight",
-        experts=NUM_EXPERTS,
+        shape=(512, 2048),
+        experts=512,
         layers=MTP_LAYERS,
     ),
     Rename(
         "mtp.layers.{i}.mtp_model_layer.mlp.experts.linear_fc2.weight{e}",
         hf="mtp.layers.{i}.mlp.experts.{e}.down_proj.weight",
-        experts=NUM_EXPERTS,
+        shape=(2048, 512),
         tp=ROW,
+        experts=512,
         layers=MTP_LAYERS,
     ),
     GLU(
         "mtp.layers.{i}.mtp_model_layer.mlp.shared_experts.linear_fc1.weight",
         gate="mtp.layers.{i}.mlp.shared_expert.gate_proj.weight",
         up="mtp.layers.{i}.mlp.shared_expert.up_proj.weight",
+        shape=(512, 2048),
         layers=MTP_LAYERS,
     ),
     Rename(
         "mtp.layers.{i}.mtp_model_layer.mlp.shared_experts.linear_fc2.weight",
         hf="mtp.layers.{i}.mlp.shared_expert.down_proj.weight",
+        shape=(2048, 512),
         tp=ROW,
         layers=MTP_LAYERS,
     ),
     Rename(
         "mtp.layers.{i}.mtp_model_layer.mlp.shared_experts.gate_weight",
         hf="mtp.layers.{i}.mlp.shared_expert_gate.weight",
+        shape=(1, 2048),
         layers=MTP_LAYERS,
     ),
 )

@@ -1,10 +1,11 @@
 """The mapping kinds a generated bridge's table is made of.
 
 A mapping names a family of Megatron tensors (a template with `{i}` for the layer and `{e}` for the
-expert), the HF tensors it is made from, the layers (and experts) it covers, and how it is split
-across tensor-parallel ranks. `groups()` expands it into concrete groups: the smallest sets of HF
-and Megatron tensors that must meet to be converted, in either direction. Conversion code works on
-groups only, so every mapping kind is converted, streamed, sharded and checked the same way.
+expert), the HF tensors it is made from, their shapes, the layers (and experts) it covers, and how
+the Megatron tensor is split across tensor-parallel ranks. `groups()` expands it into concrete
+groups: the smallest sets of HF and Megatron tensors that must meet to be converted, in either
+direction. Conversion code works on groups only, so every mapping kind is converted, streamed,
+sharded and checked the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from codegen.runtime import transforms as t
 from codegen.runtime.tp import COLUMN, GLU_ROWS, REPLICATED, Split, sections
 
 Tensors = Mapping[str, Tensor]
+Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -29,11 +31,12 @@ class ConvertOptions:
 
 @dataclass(frozen=True)
 class Group:
-    """Concrete HF and Megatron tensor names that convert into each other as one unit."""
+    """Concrete HF and Megatron tensors (names and shapes) that convert into each other as a unit."""
 
-    hf: tuple[str, ...]
-    megatron: tuple[str, ...]
+    hf: dict[str, Shape]
+    megatron: dict[str, Shape]
     split: Split
+    kind: str
     to_megatron: Callable[[Tensors, ConvertOptions], dict[str, Tensor]] = field(repr=False, compare=False)
     to_hf: Callable[[Tensors], dict[str, Tensor]] = field(repr=False, compare=False)
 
@@ -45,32 +48,22 @@ class MappingBase:
     megatron: str
     layers: tuple[int, ...] = ()
 
-    def _indices(self) -> Iterator[dict[str, int]]:
-        if not self.layers:
-            yield {}
-        for i in self.layers:
-            yield {"i": i}
-
     def groups(self) -> Iterator[Group]:
-        for index in self._indices():
+        for index in [{"i": i} for i in self.layers] or [{}]:
             yield from self._groups(index)
 
     def _groups(self, index: dict[str, int]) -> Iterator[Group]:
         raise NotImplementedError
 
-
-def _one_to_one(meg: str, hf: str, split: Split, fwd: Callable[[Tensor], Tensor], back: Callable[[Tensor], Tensor]) -> Group:
-    return Group(
-        hf=(hf,),
-        megatron=(meg,),
-        split=split,
-        to_megatron=lambda ts, _opts: {meg: fwd(ts[hf])},
-        to_hf=lambda ts: {hf: back(ts[meg])},
-    )
+    def _group(self, hf: dict[str, Shape], megatron: dict[str, Shape], split: Split, to_megatron, to_hf) -> Group:
+        return Group(hf, megatron, split, type(self).__name__, to_megatron, to_hf)
 
 
-def _same(x: Tensor) -> Tensor:
-    return x
+def _with_experts(index: dict[str, int], experts: int) -> Iterator[dict[str, int]]:
+    if not experts:
+        yield index
+    for e in range(experts):
+        yield {**index, "e": e}
 
 
 @dataclass(frozen=True)
@@ -78,12 +71,20 @@ class Rename(MappingBase):
     """One HF tensor copied unchanged; with `experts`, one per expert (`{e}` in both names)."""
 
     hf: str = ""
+    shape: Shape = ()
     tp: Split = REPLICATED
     experts: int = 0
 
     def _groups(self, index: dict[str, int]) -> Iterator[Group]:
         for idx in _with_experts(index, self.experts):
-            yield _one_to_one(self.megatron.format(**idx), self.hf.format(**idx), self.tp, _same, _same)
+            meg, hf = self.megatron.format(**idx), self.hf.format(**idx)
+            yield self._group(
+                {hf: self.shape},
+                {meg: self.shape},
+                self.tp,
+                lambda ts, _o, meg=meg, hf=hf: {meg: ts[hf]},
+                lambda ts, meg=meg, hf=hf: {hf: ts[meg]},
+            )
 
 
 @dataclass(frozen=True)
@@ -93,16 +94,20 @@ class GatedQKV(MappingBase):
     q: str = ""
     k: str = ""
     v: str = ""
-    dims: t.AttentionDims | None = None
+    dims: t.AttentionDims = t.AttentionDims(1, 1, 1)
+    hidden: int = 0
 
     def _groups(self, index: dict[str, int]) -> Iterator[Group]:
-        meg, q, k, v, dims = self.megatron.format(**index), self.q.format(**index), self.k.format(**index), self.v.format(**index), self.dims
-        yield Group(
-            hf=(q, k, v),
-            megatron=(meg,),
-            split=COLUMN,  # whole KV groups per rank: the groups are contiguous
-            to_megatron=lambda ts, _o: {meg: t.gated_qkv_to_megatron(ts[q], ts[k], ts[v], dims)},
-            to_hf=lambda ts: dict(zip((q, k, v), t.gated_qkv_to_hf(ts[meg], dims))),
+        meg, q, k, v = (n.format(**index) for n in (self.megatron, self.q, self.k, self.v))
+        d, dims = self.dims, self.dims
+        hf = {q: (d.heads * 2 * d.head_dim, self.hidden), k: (d.kv_heads * d.head_dim, self.hidden), v: (d.kv_heads * d.head_dim, self.hidden)}
+        rows = d.kv_heads * (2 * d.group_size + 2) * d.head_dim
+        yield self._group(
+            hf,
+            {meg: (rows, self.hidden)},
+            COLUMN,  # whole KV groups per rank: each group's rows are contiguous
+            lambda ts, _o: {meg: t.gated_qkv_to_megatron(ts[q], ts[k], ts[v], dims)},
+            lambda ts: dict(zip((q, k, v), t.gated_qkv_to_hf(ts[meg], dims))),
         )
 
 
@@ -114,18 +119,20 @@ class GDNInProj(MappingBase):
     z: str = ""
     b: str = ""
     a: str = ""
-    dims: t.GDNDims | None = None
+    dims: t.GDNDims = t.GDNDims(1, 1, 1, 1)
+    hidden: int = 0
 
     def _groups(self, index: dict[str, int]) -> Iterator[Group]:
         meg = self.megatron.format(**index)
         names = tuple(n.format(**index) for n in (self.qkv, self.z, self.b, self.a))
-        dims = self.dims
-        yield Group(
-            hf=names,
-            megatron=(meg,),
-            split=sections(*dims.in_proj_sections),
-            to_megatron=lambda ts, _o: {meg: t.gdn_in_proj_to_megatron(*(ts[n] for n in names))},
-            to_hf=lambda ts: dict(zip(names, t.gdn_in_proj_to_hf(ts[meg], dims))),
+        dims, s = self.dims, self.dims.in_proj_sections
+        rows = (s[0] + s[1] + s[2], s[3], s[4], s[5])
+        yield self._group(
+            {n: (r, self.hidden) for n, r in zip(names, rows)},
+            {meg: (sum(s), self.hidden)},
+            sections(*s),
+            lambda ts, _o: {meg: t.gdn_in_proj_to_megatron(*(ts[n] for n in names))},
+            lambda ts: dict(zip(names, t.gdn_in_proj_to_hf(ts[meg], dims))),
         )
 
 
@@ -135,16 +142,18 @@ class GDNInProjGrouped(MappingBase):
 
     qkvz: str = ""
     ba: str = ""
-    dims: t.GDNDims | None = None
+    dims: t.GDNDims = t.GDNDims(1, 1, 1, 1)
+    hidden: int = 0
 
     def _groups(self, index: dict[str, int]) -> Iterator[Group]:
-        meg, qkvz, ba, dims = self.megatron.format(**index), self.qkvz.format(**index), self.ba.format(**index), self.dims
-        yield Group(
-            hf=(qkvz, ba),
-            megatron=(meg,),
-            split=sections(*dims.in_proj_sections),
-            to_megatron=lambda ts, _o: {meg: t.gdn_grouped_in_proj_to_megatron(ts[qkvz], ts[ba], dims)},
-            to_hf=lambda ts: dict(zip((qkvz, ba), t.gdn_grouped_in_proj_to_hf(ts[meg], dims))),
+        meg, qkvz, ba = (n.format(**index) for n in (self.megatron, self.qkvz, self.ba))
+        dims, s = self.dims, self.dims.in_proj_sections
+        yield self._group(
+            {qkvz: (s[0] + s[1] + s[2] + s[3], self.hidden), ba: (s[4] + s[5], self.hidden)},
+            {meg: (sum(s), self.hidden)},
+            sections(*s),
+            lambda ts, _o: {meg: t.gdn_grouped_in_proj_to_megatron(ts[qkvz], ts[ba], dims)},
+            lambda ts: dict(zip((qkvz, ba), t.gdn_grouped_in_proj_to_hf(ts[meg], dims))),
         )
 
 
@@ -153,11 +162,13 @@ class GDNConv1d(MappingBase):
     """The causal conv1d over [q; k; v] channels: copied, but split per section across TP ranks."""
 
     hf: str = ""
-    dims: t.GDNDims | None = None
+    dims: t.GDNDims = t.GDNDims(1, 1, 1, 1)
+    kernel: int = 0
 
     def _groups(self, index: dict[str, int]) -> Iterator[Group]:
-        split = sections(*self.dims.conv_sections)
-        yield _one_to_one(self.megatron.format(**index), self.hf.format(**index), split, _same, _same)
+        meg, hf = self.megatron.format(**index), self.hf.format(**index)
+        shape = (sum(self.dims.conv_sections), 1, self.kernel)
+        yield self._group({hf: shape}, {meg: shape}, sections(*self.dims.conv_sections), lambda ts, _o: {meg: ts[hf]}, lambda ts: {hf: ts[meg]})
 
 
 @dataclass(frozen=True)
@@ -165,55 +176,61 @@ class GDNOutNorm(MappingBase):
     """The GDN output norm: HF `w` (plain scale) is Megatron `w - 1` (zero-centred gamma)."""
 
     hf: str = ""
+    shape: Shape = ()
 
     def _groups(self, index: dict[str, int]) -> Iterator[Group]:
         meg, hf = self.megatron.format(**index), self.hf.format(**index)
-        yield Group(
-            hf=(hf,),
-            megatron=(meg,),
-            split=REPLICATED,
-            to_megatron=lambda ts, o: {meg: t.shift_norm_to_megatron(ts[hf], hf, allow_rounding=o.allow_norm_rounding)},
-            to_hf=lambda ts: {hf: t.shift_norm_to_hf(ts[meg])},
+        yield self._group(
+            {hf: self.shape},
+            {meg: self.shape},
+            REPLICATED,
+            lambda ts, o: {meg: t.shift_norm_to_megatron(ts[hf], hf, allow_rounding=o.allow_norm_rounding)},
+            lambda ts: {hf: t.shift_norm_to_hf(ts[meg])},
         )
 
 
 @dataclass(frozen=True)
 class GLU(MappingBase):
-    """HF gate_proj and up_proj -> Megatron linear_fc1 ([gate; up]); per expert with `experts`."""
+    """HF gate_proj and up_proj, each of `shape` -> Megatron linear_fc1 ([gate; up]); per expert
+    with `experts`."""
 
     gate: str = ""
     up: str = ""
+    shape: Shape = ()
     experts: int = 0
 
     def _groups(self, index: dict[str, int]) -> Iterator[Group]:
+        rows, cols = self.shape
         for idx in _with_experts(index, self.experts):
-            meg, gate, up = self.megatron.format(**idx), self.gate.format(**idx), self.up.format(**idx)
-            yield Group(
-                hf=(gate, up),
-                megatron=(meg,),
-                split=GLU_ROWS,
-                to_megatron=lambda ts, _o, meg=meg, gate=gate, up=up: {meg: t.glu_to_megatron(ts[gate], ts[up])},
-                to_hf=lambda ts, meg=meg, gate=gate, up=up: dict(zip((gate, up), t.glu_to_hf(ts[meg]))),
+            meg, gate, up = (n.format(**idx) for n in (self.megatron, self.gate, self.up))
+            yield self._group(
+                {gate: self.shape, up: self.shape},
+                {meg: (2 * rows, cols)},
+                GLU_ROWS,
+                lambda ts, _o, meg=meg, gate=gate, up=up: {meg: t.glu_to_megatron(ts[gate], ts[up])},
+                lambda ts, meg=meg, gate=gate, up=up: dict(zip((gate, up), t.glu_to_hf(ts[meg]))),
             )
 
 
 @dataclass(frozen=True)
 class PackedExperts(MappingBase):
-    """One HF tensor holding every expert ([E, ...]) <-> one Megatron tensor per expert (`{e}`)."""
+    """One HF tensor of `shape` holding every expert ([E, ...]) <-> one Megatron tensor per expert
+    (`{e}`). The packed gate_up_proj rows are [gate; up] already, as Megatron's fc1 wants them."""
 
     hf: str = ""
-    experts: int = 0
+    shape: Shape = ()
     tp: Split = REPLICATED
 
     def _groups(self, index: dict[str, int]) -> Iterator[Group]:
         hf = self.hf.format(**index)
-        megs = tuple(self.megatron.format(**index, e=e) for e in range(self.experts))
-        yield Group(
-            hf=(hf,),
-            megatron=megs,
-            split=self.tp,
-            to_megatron=lambda ts, _o: dict(zip(megs, t.unstack_experts(ts[hf]))),
-            to_hf=lambda ts: {hf: t.stack_experts([ts[m] for m in megs])},
+        experts, *inner = self.shape
+        megs = tuple(self.megatron.format(**index, e=e) for e in range(experts))
+        yield self._group(
+            {hf: self.shape},
+            {m: tuple(inner) for m in megs},
+            self.tp,
+            lambda ts, _o: dict(zip(megs, t.unstack_experts(ts[hf]))),
+            lambda ts: {hf: t.stack_experts([ts[m] for m in megs])},
         )
 
 
@@ -222,21 +239,15 @@ class VisionQKV(MappingBase):
     """Vision attention qkv (weight or bias): HF flat [Q; K; V] -> Megatron per head [q; k; v]."""
 
     hf: str = ""
-    dims: t.VisionDims | None = None
+    dims: t.VisionDims = t.VisionDims(1, 1)
+    shape: Shape = ()
 
     def _groups(self, index: dict[str, int]) -> Iterator[Group]:
-        dims = self.dims
-        yield _one_to_one(
-            self.megatron.format(**index),
-            self.hf.format(**index),
-            COLUMN,
-            lambda x: t.vision_qkv_to_megatron(x, dims),
-            lambda x: t.vision_qkv_to_hf(x, dims),
+        meg, hf, dims = self.megatron.format(**index), self.hf.format(**index), self.dims
+        yield self._group(
+            {hf: self.shape},
+            {meg: self.shape},
+            COLUMN,  # whole heads per rank
+            lambda ts, _o: {meg: t.vision_qkv_to_megatron(ts[hf], dims)},
+            lambda ts: {hf: t.vision_qkv_to_hf(ts[meg], dims)},
         )
-
-
-def _with_experts(index: dict[str, int], experts: int) -> Iterator[dict[str, int]]:
-    if not experts:
-        yield index
-    for e in range(experts):
-        yield {**index, "e": e}

@@ -30,6 +30,20 @@ class AttentionSpec:
     mrope_section: tuple[int, ...] | None
     mrope_interleaved: bool
 
+    @property
+    def q_rows(self) -> int:
+        """Rows of HF q_proj: a query and a gate per head."""
+        return self.num_heads * 2 * self.head_dim
+
+    @property
+    def kv_rows(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def out_dim(self) -> int:
+        """Input width of o_proj / linear_proj."""
+        return self.num_heads * self.head_dim
+
 
 @dataclass(frozen=True)
 class GDNSpec:
@@ -43,6 +57,19 @@ class GDNSpec:
     value_head_dim: int
     conv_kernel: int
     hf_layout: Literal["split", "grouped"]
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_key_heads * self.key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_value_heads * self.value_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the causal conv1d: q, k and v."""
+        return 2 * self.key_dim + self.value_dim
 
 
 @dataclass(frozen=True)
@@ -70,6 +97,11 @@ class VisionSpec:
     spatial_merge_size: int
     out_hidden_size: int
     num_position_embeddings: int
+
+    @property
+    def merged_dim(self) -> int:
+        """Width of the merger's input: the patches merged by spatial_merge_size squared."""
+        return self.hidden_size * self.spatial_merge_size**2
 
 
 @dataclass(frozen=True)
