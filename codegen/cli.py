@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -80,6 +81,31 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """`5GB`, `500MB`, `1.5GiB` or a number of bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else ""
+    if not match or unit not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from codegen import conversion
+
+    common = dict(bridge_dir=args.bridge_dir, force=args.force, max_shard_bytes=args.max_shard_size, quiet=args.quiet)
+    if args.direction == "hf-to-megatron":
+        report = conversion.hf_to_megatron(args.src, args.dst, allow_norm_rounding=args.accept_norm_rounding, **common)
+    else:
+        report = conversion.megatron_to_hf(args.src, args.dst, experts=args.experts, mtp_experts=args.mtp_experts, **common)
+    if not args.quiet:
+        print(f"wrote {args.dst}: {report.tensors_written} tensors, {report.bytes_written / 1e9:.3f} GB (from {report.tensors_read} tensors)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codegen", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -95,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="module name (default: derived from the model id)")
     p = verb("inspect", cmd_inspect, "print the inferred spec as JSON")
     _add_source_options(p)
+    p = verb("convert", cmd_convert, "convert a checkpoint on disk (HF safetensors <-> Megatron)")
+    p.add_argument("direction", choices=("hf-to-megatron", "megatron-to-hf"))
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p.add_argument("--format", choices=("safetensors",), default="safetensors", help="Megatron output format")
+    p.add_argument("--experts", choices=LAYOUTS, help="megatron-to-hf: store routed experts this way (default: as the source did)")
+    p.add_argument("--mtp-experts", choices=LAYOUTS, help="megatron-to-hf: store MTP experts this way")
+    p.add_argument("--bridge-dir", type=Path, help="where to generate a bridge when no committed one matches")
+    p.add_argument("--max-shard-size", type=parse_size, default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument("--force", action="store_true", help="replace an existing destination")
+    p.add_argument("--quiet", action="store_true", help="no progress or messages")
+    p.add_argument("--accept-norm-rounding", action="store_true", help="convert even if the GDN norm shift w - 1 rounds")
     verb("check", cmd_check, "regenerate every committed bridge and fail on any difference")
     verb("list", cmd_list, "list the bundled catalog with provenance")
     return parser

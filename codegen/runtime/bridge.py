@@ -37,9 +37,19 @@ class BridgeBase:
         return groups
 
     @cached_property
-    def hf_keys(self) -> frozenset[str]:
-        return frozenset(name for g in self.groups for name in g.hf)
+    def hf_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every HF tensor of the checkpoint and its shape."""
+        return {name: shape for g in self.groups for name, shape in g.hf.items()}
 
     @cached_property
+    def megatron_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every Megatron tensor (global, unsharded names) and its shape."""
+        return {name: shape for g in self.groups for name, shape in g.megatron.items()}
+
+    @property
+    def hf_keys(self) -> frozenset[str]:
+        return frozenset(self.hf_shapes)
+
+    @property
     def megatron_keys(self) -> frozenset[str]:
-        return frozenset(name for g in self.groups for name in g.megatron)
+        return frozenset(self.megatron_shapes)

@@ -1,0 +1,80 @@
+"""`codegen convert`: pick (or generate) the bridge for a checkpoint, then convert on disk."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from codegen import bridges, sources
+from codegen.errors import ConversionError
+from codegen.generator import REPO_ROOT, command_of
+from codegen.render import Origin
+from codegen.runtime import convert as runtime_convert
+from codegen.runtime.bridge import BridgeBase
+from codegen.runtime.mappings import ConvertOptions
+from codegen.spec import ModelSpec, infer_spec
+
+
+def _say(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(message, file=sys.stderr)
+
+
+def bridge_for_checkpoint(directory: Path, *, bridge_dir: Path | None = None, quiet: bool = False) -> tuple[BridgeBase, ModelSpec, sources.Source]:
+    """The bridge whose spec matches an HF checkpoint folder's config and index."""
+    source = sources.resolve(str(directory), repo_root=REPO_ROOT)
+    if source.weight_map is None:
+        raise ConversionError(f"{directory}: no model.safetensors.index.json or model.safetensors")
+    spec = infer_spec(source.config, weight_map=source.weight_map)
+    origin = Origin(source.ref, source.provenance, source.config_sha256, source.index_sha256, command_of(source.ref, {}))
+    bridge, where = bridges.bridge_for(spec, source.model_id, origin, bridge_dir=bridge_dir)
+    _say(f"bridge: {where}", quiet)
+    return bridge, spec, source
+
+
+def bridge_for_spec(spec: ModelSpec, model_id: str, *, bridge_dir: Path | None = None, quiet: bool = False) -> BridgeBase:
+    origin = Origin(f"spec {spec.fingerprint()}", "recorded with a Megatron checkpoint", "n/a", None, "codegen convert")
+    bridge, where = bridges.bridge_for(spec, model_id, origin, bridge_dir=bridge_dir)
+    _say(f"bridge: {where}", quiet)
+    return bridge
+
+
+def hf_to_megatron(src: Path, dst: Path, *, bridge_dir: Path | None = None, force: bool = False, max_shard_bytes: int, allow_norm_rounding: bool = False, quiet: bool = False) -> runtime_convert.Report:
+    bridge, spec, source = bridge_for_checkpoint(src, bridge_dir=bridge_dir, quiet=quiet)
+    if spec.quantization is not None:
+        raise ConversionError(f"{src}: FP8 checkpoints ({spec.quantization.fmt}, {spec.quantization.weight_block_size} blocks) cannot be converted yet: dequantisation is not implemented")
+    record: dict[str, Any] = {
+        "format": runtime_convert.MEGATRON_SAFETENSORS,
+        "model_id": source.model_id,
+        "spec_sha256": spec.fingerprint(),
+        "spec": spec.to_dict(),
+        "bridge_module": type(bridge).__module__,
+    }
+    options = ConvertOptions(allow_norm_rounding=allow_norm_rounding)
+    return runtime_convert.hf_to_megatron(bridge, src, dst, record=record, options=options, max_shard_bytes=max_shard_bytes, force=force)
+
+
+def megatron_to_hf(src: Path, dst: Path, *, experts: str | None = None, mtp_experts: str | None = None, bridge_dir: Path | None = None, force: bool = False, max_shard_bytes: int, quiet: bool = False) -> runtime_convert.Report:
+    record = runtime_convert.read_record(src)
+    spec = ModelSpec.from_dict(record["spec"])
+    spec = _with_layouts(spec, experts, mtp_experts)
+    bridge = bridge_for_spec(spec, record["model_id"], bridge_dir=bridge_dir, quiet=quiet)
+    return runtime_convert.megatron_to_hf(bridge, src, dst, max_shard_bytes=max_shard_bytes, force=force)
+
+
+def _with_layouts(spec: ModelSpec, experts: str | None, mtp_experts: str | None) -> ModelSpec:
+    """The spec of the same model stored with other expert layouts on the HF side."""
+    changes: dict[str, Any] = {}
+    if experts is not None:
+        if spec.moe is None:
+            raise ConversionError(f"--experts {experts}: this model has no experts")
+        changes["experts_layout"] = experts
+        changes["mtp_experts_layout"] = spec.mtp_experts_layout and (mtp_experts or experts)
+    if mtp_experts is not None:
+        if spec.mtp_mlp_type != "moe":
+            raise ConversionError(f"--mtp-experts {mtp_experts}: this model has no MTP experts")
+        changes["mtp_experts_layout"] = mtp_experts
+    return dataclasses.replace(spec, **changes) if changes else spec
+

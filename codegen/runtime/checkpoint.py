@@ -1,0 +1,211 @@
+"""Safetensors checkpoints on disk: a lazy, validated reader and a sharding writer, and a
+destination folder that only appears once it is complete.
+
+The reader trusts nothing: every shard the index names must exist and hold exactly the tensors the
+index gives it; a tensor in two shards, a truncated or corrupt file, a tensor no index lists are
+errors naming the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from codegen.errors import ConversionError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+class CheckpointReader:
+    """The tensors of a safetensors checkpoint folder, memory-mapped, read one at a time."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self._stack = ExitStack()
+        self._handles: dict[str, Any] = {}
+        self.metadata: dict[str, Any] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        index_path = self.directory / INDEX_NAME
+        if index_path.is_file():
+            try:
+                index = json.loads(index_path.read_text(encoding="utf-8"))
+                weight_map: dict[str, str] = index["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ConversionError(f"{index_path}: not a safetensors index ({e!r})") from None
+            self.metadata = index.get("metadata") or {}
+        elif (self.directory / SINGLE_FILE).is_file():
+            weight_map = None  # type: ignore[assignment]
+        else:
+            raise ConversionError(f"{self.directory}: no {INDEX_NAME} or {SINGLE_FILE}")
+        files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
+        for file in files:
+            path = self.directory / file
+            if not path.is_file():
+                example = next(k for k, v in weight_map.items() if v == file)
+                raise ConversionError(f"{path}: shard named by the index (for {example}) does not exist")
+            try:
+                handle = self._stack.enter_context(safe_open(path, framework="pt"))
+            except (SafetensorError, OSError) as e:
+                raise ConversionError(f"{path}: unreadable safetensors file, truncated or corrupt ({e})") from None
+            self._handles[file] = handle
+            for name in handle.keys():
+                if name in self.tensors:
+                    raise ConversionError(f"{name}: duplicate tensor, in {self.tensors[name].file} and {file}")
+                if weight_map is not None and weight_map.get(name) != file:
+                    listed = f"the index puts it in {weight_map[name]}" if name in weight_map else "the index does not list it"
+                    raise ConversionError(f"{path}: holds tensor {name}, but {listed}")
+                piece = handle.get_slice(name)
+                self.tensors[name] = TensorInfo(file, _DTYPES[piece.get_dtype()], tuple(piece.get_shape()))
+        if weight_map is not None:
+            for name, file in weight_map.items():
+                if name not in self.tensors:
+                    raise ConversionError(f"{self.directory / file}: lacks tensor {name}, which the index puts there")
+
+    def names(self) -> set[str]:
+        return set(self.tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.tensors.get(name)
+        if info is None:
+            raise ConversionError(f"{name}: not in the checkpoint at {self.directory}")
+        try:
+            return self._handles[info.file].get_tensor(name)
+        except SafetensorError as e:
+            raise ConversionError(f"{self.directory / info.file}: cannot read tensor {name} ({e})") from None
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of at most `max_shard_bytes`, then an index.
+
+    Shards are written as they fill, so memory holds one shard's worth of tensors at most.
+    """
+
+    def __init__(self, directory: Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, metadata: Mapping[str, str] | None = None) -> None:
+        self.directory = Path(directory)
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = dict(metadata or {})
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        self._names: set[str] = set()
+        self.total_size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise ConversionError(f"{name}: written twice")
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self.flush()
+        self._names.add(name)
+        self._pending[name] = tensor
+        self._pending_bytes += size
+        self.total_size += size
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        number = len(self._shards) + 1
+        save_file(_unshared(self._pending), self.directory / f".shard-{number:05d}", metadata={"format": "pt"})
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> dict[str, str]:
+        """Name the shards `model-0000k-of-0000N.safetensors` and write the index; the weight map."""
+        self.flush()
+        count = len(self._shards)
+        weight_map: dict[str, str] = {}
+        for number, names in enumerate(self._shards, start=1):
+            final = f"model-{number:05d}-of-{count:05d}.safetensors"
+            os.replace(self.directory / f".shard-{number:05d}", self.directory / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total_size, **self.metadata}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        return weight_map
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (views of one packed tensor): copy those."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.contiguous()
+        key = tensor.untyped_storage().data_ptr()
+        if key in seen:
+            tensor = tensor.clone()
+        else:
+            seen.add(key)
+        out[name] = tensor
+    return out
+
+
+@contextmanager
+def staged_directory(destination: Path, *, force: bool = False) -> Iterator[Path]:
+    """A temporary folder beside `destination`, renamed into place only if the block succeeds.
+
+    An interrupted or failed run leaves nothing that looks like a checkpoint; an existing
+    destination is replaced only with `force`.
+    """
+    destination = Path(destination)
+    if destination.exists() and not force:
+        raise ConversionError(f"{destination}: already exists; pass --force to replace it")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+    try:
+        yield staging
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
