@@ -100,11 +100,10 @@ def transformer_config(**overrides: Any) -> Any:
     )
 
 
-# GPTModel's own arguments (megatron.core.models.gpt.GPTModel).
+# GPTModel's own arguments (megatron.core.models.gpt.GPTModel; rotary position embedding).
 GPT_MODEL_ARGS = dict(
     vocab_size=151936,
     max_sequence_length=262144,
-    position_embedding_type="rope",
     rotary_percent=0.25,
     rotary_base=10000000,
     share_embeddings_and_output_weights=False,

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from collections import Counter
 from functools import cached_property
+from pathlib import Path
 from typing import Any, ClassVar
 
-from codegen.runtime.mappings import Group, MappingBase
+import torch
+
+from codegen.runtime.mappings import ConvertOptions, Group, MappingBase
 
 
 class BridgeBase:
@@ -53,3 +56,53 @@ class BridgeBase:
     @property
     def megatron_keys(self) -> frozenset[str]:
         return frozenset(self.megatron_shapes)
+
+    # -- Live megatron-core models -----------------------------------------------------------------
+
+    def build_model(self, *, params_dtype: torch.dtype = torch.float32, **overrides: Any) -> Any:
+        """This rank's megatron-core model. Initialise parallel state first
+        (`codegen.runtime.parallel.init_parallel`, whose return value belongs in `overrides`).
+        Without Transformer Engine, the CPU backend and its settings are used."""
+        from codegen.runtime.megatron_model import build_gpt_model, cpu_config_overrides
+        from codegen.runtime.megatron_shims import transformer_engine_available
+
+        settings = {} if transformer_engine_available() else cpu_config_overrides()
+        settings |= {"params_dtype": params_dtype, "bf16": params_dtype == torch.bfloat16} | overrides
+        return build_gpt_model(self.transformer_config(**settings), **self.gpt_model_args)
+
+    def _prefix(self, model: Any) -> str:
+        """A language model alone holds the `language_model.` part of a VL checkpoint."""
+        return "" if hasattr(model, "vision_model") else self.megatron_prefix
+
+    def load_hf(self, model: Any, hf_dir: str | Path, *, options: ConvertOptions = ConvertOptions()) -> None:
+        """Load an HF checkpoint folder into `model` (this rank's shard of it). The checkpoint must
+        hold exactly the bridge's tensors, with the bridge's shapes."""
+        from codegen.runtime import live
+        from codegen.runtime.checkpoint import CheckpointReader
+        from codegen.runtime.convert import check_source
+
+        with CheckpointReader(Path(hf_dir)) as reader:
+            check_source(reader, self.hf_shapes, "HF")
+            live.load(self, model, reader.get, prefix=self._prefix(model), options=options)
+
+    def load_megatron(self, model: Any, megatron_dir: str | Path) -> None:
+        """Load the Megatron safetensors written by `codegen convert hf-to-megatron` into `model`."""
+        from codegen.runtime import live
+        from codegen.runtime.checkpoint import CheckpointReader
+        from codegen.runtime.convert import check_source
+
+        with CheckpointReader(Path(megatron_dir)) as reader:
+            check_source(reader, self.megatron_shapes, "Megatron")
+            live.load_megatron(self, model, reader.get, prefix=self._prefix(model))
+
+    def export_megatron(self, model: Any) -> dict[str, torch.Tensor]:
+        """Every tensor of `model`, unsharded, under the bridge's Megatron names (on every rank)."""
+        from codegen.runtime import live
+
+        return live.export(self, model, prefix=self._prefix(model))
+
+    def export_hf(self, model: Any) -> dict[str, torch.Tensor]:
+        """Every HF tensor of `model` (on every rank)."""
+        from codegen.runtime import live
+
+        return live.to_hf(self, self.export_megatron(model))
