@@ -106,6 +106,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from codegen.verify import verify
+
+    verdict = verify(args.hf_dir, args.megatron_dir, tokens=args.tokens, seed=args.seed, tolerance=args.tolerance)
+    print(f"max |delta| logits: {verdict.logits_delta:.3e}")
+    for i, delta in enumerate(verdict.mtp_deltas):
+        print(f"max |delta| MTP layer {i} logits: {delta:.3e}")
+    print(f"{'PASS' if verdict.passed else 'FAIL'} (tolerance {verdict.tolerance:.1e})")
+    return 0 if verdict.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codegen", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -133,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing destination")
     p.add_argument("--quiet", action="store_true", help="no progress or messages")
     p.add_argument("--accept-norm-rounding", action="store_true", help="convert even if the GDN norm shift w - 1 rounds")
+    p = verb("verify", cmd_verify, "compare the HF model's logits with the converted Megatron model's")
+    p.add_argument("hf_dir", type=Path)
+    p.add_argument("megatron_dir", type=Path)
+    p.add_argument("--tokens", type=int, default=80, help="sequence length (default 80: two GDN chunks)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tolerance", type=float, default=1e-4)
     verb("check", cmd_check, "regenerate every committed bridge and fail on any difference")
     verb("list", cmd_list, "list the bundled catalog with provenance")
     return parser
