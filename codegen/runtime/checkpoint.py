@@ -1,5 +1,5 @@
-"""Safetensors checkpoints on disk: a lazy, validated reader and a sharding writer, and a
-destination folder that only appears once it is complete.
+"""Safetensors checkpoints on disk: a lazy, validated reader, and a destination folder that only
+appears once it is complete.
 
 The reader trusts nothing: every shard the index names must exist and hold exactly the tensors the
 index gives it; a tensor in two shards, a truncated or corrupt file, a tensor no index lists are
@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from codegen.errors import ConversionError
 
@@ -106,6 +105,9 @@ class CheckpointReader:
     def names(self) -> set[str]:
         return set(self.tensors)
 
+    def dtype(self, name: str) -> torch.dtype:
+        return self.tensors[name].dtype
+
     def get(self, name: str) -> torch.Tensor:
         info = self.tensors.get(name)
         if info is None:
@@ -123,70 +125,6 @@ class CheckpointReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class ShardWriter:
-    """Writes tensors into safetensors shards of at most `max_shard_bytes`, then an index.
-
-    Shards are written as they fill, so memory holds one shard's worth of tensors at most.
-    """
-
-    def __init__(self, directory: Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, metadata: Mapping[str, str] | None = None) -> None:
-        self.directory = Path(directory)
-        self.max_shard_bytes = max_shard_bytes
-        self.metadata = dict(metadata or {})
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[list[str]] = []
-        self._names: set[str] = set()
-        self.total_size = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._names:
-            raise ConversionError(f"{name}: written twice")
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self.flush()
-        self._names.add(name)
-        self._pending[name] = tensor
-        self._pending_bytes += size
-        self.total_size += size
-
-    def flush(self) -> None:
-        if not self._pending:
-            return
-        number = len(self._shards) + 1
-        save_file(_unshared(self._pending), self.directory / f".shard-{number:05d}", metadata={"format": "pt"})
-        self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
-
-    def close(self) -> dict[str, str]:
-        """Name the shards `model-0000k-of-0000N.safetensors` and write the index; the weight map."""
-        self.flush()
-        count = len(self._shards)
-        weight_map: dict[str, str] = {}
-        for number, names in enumerate(self._shards, start=1):
-            final = f"model-{number:05d}-of-{count:05d}.safetensors"
-            os.replace(self.directory / f".shard-{number:05d}", self.directory / final)
-            weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": self.total_size, **self.metadata}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        return weight_map
-
-
-def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share memory (views of one packed tensor): copy those."""
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in tensors.items():
-        tensor = tensor.contiguous()
-        key = tensor.untyped_storage().data_ptr()
-        if key in seen:
-            tensor = tensor.clone()
-        else:
-            seen.add(key)
-        out[name] = tensor
-    return out
 
 
 @contextmanager
