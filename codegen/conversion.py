@@ -10,6 +10,7 @@ from typing import Any
 from codegen import bridges, sources
 from codegen.errors import ConversionError
 from codegen.generator import REPO_ROOT, command_of
+from codegen.progress import for_terminal
 from codegen.render import Origin
 from codegen.runtime import convert as runtime_convert
 from codegen.runtime.bridge import BridgeBase
@@ -53,7 +54,8 @@ def hf_to_megatron(src: Path, dst: Path, *, bridge_dir: Path | None = None, forc
         "bridge_module": type(bridge).__module__,
     }
     options = ConvertOptions(allow_norm_rounding=allow_norm_rounding)
-    return runtime_convert.hf_to_megatron(bridge, src, dst, record=record, options=options, max_shard_bytes=max_shard_bytes, force=force)
+    progress = for_terminal(f"{src.name} -> Megatron", quiet=quiet)
+    return runtime_convert.hf_to_megatron(bridge, src, dst, record=record, options=options, max_shard_bytes=max_shard_bytes, force=force, progress=progress)
 
 
 def megatron_to_hf(src: Path, dst: Path, *, experts: str | None = None, mtp_experts: str | None = None, bridge_dir: Path | None = None, force: bool = False, max_shard_bytes: int, quiet: bool = False) -> runtime_convert.Report:
@@ -61,7 +63,8 @@ def megatron_to_hf(src: Path, dst: Path, *, experts: str | None = None, mtp_expe
     spec = ModelSpec.from_dict(record["spec"])
     spec = _with_layouts(spec, experts, mtp_experts)
     bridge = bridge_for_spec(spec, record["model_id"], bridge_dir=bridge_dir, quiet=quiet)
-    return runtime_convert.megatron_to_hf(bridge, src, dst, max_shard_bytes=max_shard_bytes, force=force)
+    progress = for_terminal(f"{src.name} -> HF", quiet=quiet)
+    return runtime_convert.megatron_to_hf(bridge, src, dst, max_shard_bytes=max_shard_bytes, force=force, progress=progress)
 
 
 def _with_layouts(spec: ModelSpec, experts: str | None, mtp_experts: str | None) -> ModelSpec:
