@@ -98,9 +98,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     common = dict(bridge_dir=args.bridge_dir, force=args.force, max_shard_bytes=args.max_shard_size, quiet=args.quiet)
     if args.direction == "hf-to-megatron":
-        report = conversion.hf_to_megatron(args.src, args.dst, allow_norm_rounding=args.accept_norm_rounding, **common)
+        report = conversion.hf_to_megatron(args.src, args.dst, allow_norm_rounding=args.accept_norm_rounding, dequantize_to=args.dequantize_to, **common)
     else:
-        report = conversion.megatron_to_hf(args.src, args.dst, experts=args.experts, mtp_experts=args.mtp_experts, **common)
+        report = conversion.megatron_to_hf(args.src, args.dst, experts=args.experts, mtp_experts=args.mtp_experts, fp8=args.fp8, **common)
     if not args.quiet:
         print(f"wrote {args.dst}: {report.tensors_written} tensors, {report.bytes_written / 1e9:.3f} GB (from {report.tensors_read} tensors)")
     return 0
@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing destination")
     p.add_argument("--quiet", action="store_true", help="no progress or messages")
     p.add_argument("--accept-norm-rounding", action="store_true", help="convert even if the GDN norm shift w - 1 rounds")
+    p.add_argument("--dequantize-to", choices=("bfloat16", "float32"), default="bfloat16", help="hf-to-megatron: dtype of FP8 weights once dequantised")
+    p.add_argument("--fp8", action="store_true", help="megatron-to-hf: quantise back to FP8 the tensors that were FP8")
     p = verb("verify", cmd_verify, "compare the HF model's logits with the converted Megatron model's")
     p.add_argument("hf_dir", type=Path)
     p.add_argument("megatron_dir", type=Path)

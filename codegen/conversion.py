@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from codegen import bridges, sources
 from codegen.errors import ConversionError
 from codegen.generator import REPO_ROOT, command_of
@@ -42,10 +44,8 @@ def bridge_for_spec(spec: ModelSpec, model_id: str, *, bridge_dir: Path | None =
     return bridge
 
 
-def hf_to_megatron(src: Path, dst: Path, *, bridge_dir: Path | None = None, force: bool = False, max_shard_bytes: int, allow_norm_rounding: bool = False, quiet: bool = False) -> runtime_convert.Report:
+def hf_to_megatron(src: Path, dst: Path, *, bridge_dir: Path | None = None, force: bool = False, max_shard_bytes: int, allow_norm_rounding: bool = False, dequantize_to: str = "bfloat16", quiet: bool = False) -> runtime_convert.Report:
     bridge, spec, source = bridge_for_checkpoint(src, bridge_dir=bridge_dir, quiet=quiet)
-    if spec.quantization is not None:
-        raise ConversionError(f"{src}: FP8 checkpoints ({spec.quantization.fmt}, {spec.quantization.weight_block_size} blocks) cannot be converted yet: dequantisation is not implemented")
     record: dict[str, Any] = {
         "format": runtime_convert.MEGATRON_SAFETENSORS,
         "model_id": source.model_id,
@@ -55,16 +55,20 @@ def hf_to_megatron(src: Path, dst: Path, *, bridge_dir: Path | None = None, forc
     }
     options = ConvertOptions(allow_norm_rounding=allow_norm_rounding)
     progress = for_terminal(f"{src.name} -> Megatron", quiet=quiet)
-    return runtime_convert.hf_to_megatron(bridge, src, dst, record=record, options=options, max_shard_bytes=max_shard_bytes, force=force, progress=progress)
+    return runtime_convert.hf_to_megatron(bridge, src, dst, record=record, options=options, max_shard_bytes=max_shard_bytes, force=force, progress=progress, dequantize_to=getattr(torch, dequantize_to))
 
 
-def megatron_to_hf(src: Path, dst: Path, *, experts: str | None = None, mtp_experts: str | None = None, bridge_dir: Path | None = None, force: bool = False, max_shard_bytes: int, quiet: bool = False) -> runtime_convert.Report:
+def megatron_to_hf(src: Path, dst: Path, *, experts: str | None = None, mtp_experts: str | None = None, fp8: bool = False, bridge_dir: Path | None = None, force: bool = False, max_shard_bytes: int, quiet: bool = False) -> runtime_convert.Report:
     record = runtime_convert.read_record(src)
     spec = ModelSpec.from_dict(record["spec"])
     spec = _with_layouts(spec, experts, mtp_experts)
+    if fp8 and spec.quantization is None:
+        raise ConversionError(f"--fp8: {src} was not converted from an FP8 checkpoint; there is no block size or tensor list to quantise with")
+    if not fp8:
+        spec = dataclasses.replace(spec, quantization=None)
     bridge = bridge_for_spec(spec, record["model_id"], bridge_dir=bridge_dir, quiet=quiet)
     progress = for_terminal(f"{src.name} -> HF", quiet=quiet)
-    return runtime_convert.megatron_to_hf(bridge, src, dst, max_shard_bytes=max_shard_bytes, force=force, progress=progress)
+    return runtime_convert.megatron_to_hf(bridge, src, dst, max_shard_bytes=max_shard_bytes, force=force, progress=progress, fp8_tensors=record.get("fp8_tensors", ()))
 
 
 def _with_layouts(spec: ModelSpec, experts: str | None, mtp_experts: str | None) -> ModelSpec:

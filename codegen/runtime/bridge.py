@@ -67,7 +67,7 @@ class BridgeBase:
         from codegen.runtime.megatron_shims import transformer_engine_available
 
         settings = {} if transformer_engine_available() else cpu_config_overrides()
-        settings |= {"params_dtype": params_dtype, "bf16": params_dtype == torch.bfloat16} | overrides
+        settings |= {"params_dtype": params_dtype, "pipeline_dtype": params_dtype, "bf16": params_dtype == torch.bfloat16} | overrides
         return build_gpt_model(self.transformer_config(**settings), **self.gpt_model_args)
 
     def _prefix(self, model: Any) -> str:

@@ -20,6 +20,8 @@ import torch
 from codegen.errors import ConversionError
 from codegen.runtime.bridge import BridgeBase
 from codegen.runtime.checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointReader, staged_directory
+from codegen.runtime import fp8
+from codegen.runtime.fp8 import DequantizingReader
 from codegen.runtime.mappings import ConvertOptions, Group, Shape
 from codegen.runtime.safetensors_stream import Opener, Planned, StreamingWriter, plan_shards, write_index
 
@@ -37,6 +39,16 @@ class Progress:
     def advance(self, tensors: int, nbytes: int) -> None: ...
 
     def finish(self) -> None: ...
+
+
+class OutputStage:
+    """A last step on each output tensor (FP8 re-quantisation), planned like the rest."""
+
+    def plan(self, planned: Planned) -> list[Planned]:
+        return [planned]
+
+    def apply(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: tensor}
 
 
 @dataclass(frozen=True)
@@ -58,9 +70,9 @@ def check_source(reader: CheckpointReader, expected: Mapping[str, Shape], what: 
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise ConversionError(f"{unexpected[0]}: unexpected tensor in the {what} checkpoint at {reader.directory}, not in the bridge{more}")
     for name, shape in expected.items():
-        found = reader.tensors[name].shape
+        found = reader.shape(name)
         if found != tuple(shape):
-            raise ConversionError(f"{name}: shape {list(found)} in {reader.tensors[name].file}, but the bridge expects {list(shape)}")
+            raise ConversionError(f"{name}: shape {list(found)} in {reader.file(name)}, but the bridge expects {list(shape)}")
 
 
 def group_dtype(reader: CheckpointReader, names: Sequence[str]) -> torch.dtype:
@@ -93,9 +105,12 @@ def convert_directory(
     index_metadata: dict[str, str],
     progress: Progress,
     opener: Opener | None = None,
+    stage: OutputStage | None = None,
 ) -> Report:
     """Stream every group from `reader` through `to_target` into safetensors shards + index."""
     planned = plan(groups, reader, source_side, target_side)
+    if stage is not None:
+        planned = [q for p in planned for q in stage.plan(p)]
     writer = StreamingWriter(destination, plan_shards(planned, max_shard_bytes), metadata=index_metadata, opener=opener)
     progress.start(len(planned), sum(p.nbytes for p in planned))
     read = 0
@@ -103,8 +118,10 @@ def convert_directory(
         for group in groups:
             tensors = {name: reader.get(name) for name in getattr(group, source_side)}
             out = to_target(group, tensors)
-            for name in getattr(group, target_side):
-                writer.write(name, out[name])
+            if stage is not None:
+                out = {k: v for name in getattr(group, target_side) for k, v in stage.apply(name, out[name]).items()}
+            for name, tensor in out.items():
+                writer.write(name, tensor)
             read += len(tensors)
             progress.advance(len(out), sum(t.numel() * t.element_size() for t in out.values()))
         writer.close()
@@ -128,9 +145,20 @@ def hf_to_megatron(
     force: bool = False,
     progress: Progress = Progress(),
     opener: Opener | None = None,
+    dequantize_to: torch.dtype = torch.bfloat16,
 ) -> Report:
-    """HF safetensors -> the unsharded Megatron state dict as safetensors (megatron-core names)."""
-    with CheckpointReader(source) as reader:
+    """HF safetensors -> the unsharded Megatron state dict as safetensors (megatron-core names).
+
+    An FP8 checkpoint is dequantised to `dequantize_to` on the way; the record lists which
+    tensors were FP8, so that the way back can quantise them again if asked.
+    """
+    record = dict(record)
+    with CheckpointReader(source) as raw:
+        reader: Any = raw
+        if bridge.quantization is not None:
+            q = bridge.quantization
+            reader = DequantizingReader(raw, block=q["weight_block_size"], modules_to_not_convert=q["modules_to_not_convert"], dtype=dequantize_to)
+            record["fp8_tensors"] = sorted(reader.quantized)
         check_source(reader, bridge.hf_shapes, "HF")
         with staged_directory(destination, force=force) as staging:
             report = convert_directory(
@@ -139,7 +167,7 @@ def hf_to_megatron(
                 index_metadata={"format": MEGATRON_SAFETENSORS}, progress=progress, opener=opener,
             )
             copy_hf_files(Path(source), staging)
-            (staging / RECORD).write_text(json.dumps(dict(record), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            (staging / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return report
 
 
@@ -152,18 +180,45 @@ def megatron_to_hf(
     force: bool = False,
     progress: Progress = Progress(),
     opener: Opener | None = None,
+    fp8_tensors: Sequence[str] = (),
 ) -> Report:
-    """The Megatron safetensors written by `hf_to_megatron` -> HF shards, index and config."""
+    """The Megatron safetensors written by `hf_to_megatron` -> HF shards, index and config.
+
+    With a quantised bridge, the tensors named in `fp8_tensors` are quantised back to FP8 (with
+    their scales); otherwise the checkpoint is written unquantised and its config says so.
+    """
+    stage = None
+    if bridge.quantization is not None:
+        stage = Requantize(set(fp8_tensors), tuple(bridge.quantization["weight_block_size"]))
     with CheckpointReader(source) as reader:
         check_source(reader, bridge.megatron_shapes, "Megatron")
         with staged_directory(destination, force=force) as staging:
             report = convert_directory(
                 bridge.groups, reader, staging, lambda g, ts: g.to_hf(ts),
                 source_side="megatron", target_side="hf", max_shard_bytes=max_shard_bytes,
-                index_metadata={}, progress=progress, opener=opener,
+                index_metadata={}, progress=progress, opener=opener, stage=stage,
             )
-            restore_hf_files(Path(source), staging)
+            restore_hf_files(Path(source), staging, quantized=stage is not None)
     return report
+
+
+class Requantize(OutputStage):
+    """Quantise the named tensors to FP8 blocks, each followed by its `_scale_inv`."""
+
+    def __init__(self, names: set[str], block: tuple[int, int]) -> None:
+        self.names, self.block = names, block
+
+    def plan(self, planned: Planned) -> list[Planned]:
+        if planned.name not in self.names:
+            return [planned]
+        scale = Planned(fp8.scale_name(planned.name), torch.float32, fp8.scale_shape(planned.shape, self.block))
+        return [Planned(planned.name, fp8.FP8, planned.shape), scale]
+
+    def apply(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if name not in self.names:
+            return {name: tensor}
+        weight, scale = fp8.quantize(tensor, self.block)
+        return {name: weight, fp8.scale_name(name): scale}
 
 
 def read_record(source: Path) -> dict[str, Any]:
@@ -181,8 +236,14 @@ def copy_hf_files(source: Path, staging: Path) -> None:
             shutil.copyfile(source / name, staging / f"hf_{name}")
 
 
-def restore_hf_files(source: Path, staging: Path) -> None:
-    shutil.copyfile(source / HF_CONFIG, staging / "config.json")
+def restore_hf_files(source: Path, staging: Path, *, quantized: bool) -> None:
+    """The HF config back beside the HF tensors; without `quantization_config` unless quantized."""
+    config = json.loads((source / HF_CONFIG).read_text(encoding="utf-8"))
+    if "quantization_config" in config and not quantized:
+        del config["quantization_config"]
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    else:
+        shutil.copyfile(source / HF_CONFIG, staging / "config.json")
     for name in HF_EXTRA_FILES:
         if (source / f"hf_{name}").is_file():
             shutil.copyfile(source / f"hf_{name}", staging / name)

@@ -27,8 +27,9 @@ def _is_expert(name: str) -> bool:
     return ".mlp.experts." in name
 
 
-def global_parameters(model: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Parameter]:
-    """This rank's parameters under their global names (no `_extra_state`)."""
+def global_parameters(model: torch.nn.Module, prefix: str) -> dict[str, list[torch.nn.Parameter]]:
+    """This rank's parameters under their global names (no `_extra_state`). A name holds several
+    parameters when a pipeline stage keeps a copy of the tied embedding for its output layer."""
     from megatron.core import parallel_state
 
     layer_numbers = {}
@@ -39,13 +40,13 @@ def global_parameters(model: torch.nn.Module, prefix: str) -> dict[str, torch.nn
     expert_offset = parallel_state.get_expert_model_parallel_rank() * local_experts
     tied_copy = getattr(model, "share_embeddings_and_output_weights", False) and not getattr(model, "pre_process", True)
 
-    params = {}
+    params: dict[str, list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         name = _LAYER.sub(lambda m: f"decoder.layers.{layer_numbers[m.group(1)]}.", name)
         name = _EXPERT.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + expert_offset}", name)
         if tied_copy and name == "output_layer.weight":
             name = "embedding.word_embeddings.weight"  # the last stage's copy of the tied embedding
-        params[prefix + name] = param
+        params.setdefault(prefix + name, []).append(param)
     return params
 
 
@@ -79,11 +80,7 @@ def load(
         converted = group.to_megatron({name: read(name) for name in group.hf}, options)
         for name in wanted:
             rank, size = _tp_rank_and_size(name)
-            piece = group.split.shard(converted[name], rank, size)
-            param = params[name]
-            if tuple(piece.shape) != tuple(param.shape):
-                raise ConversionError(f"{name}: this rank's slice is {list(piece.shape)} but the model's parameter is {list(param.shape)}")
-            param.copy_(piece)
+            _copy_into(params[name], group.split.shard(converted[name], rank, size), name)
             assigned.add(name)
     missing = sorted(set(params) - assigned)
     if missing:
@@ -99,10 +96,7 @@ def load_megatron(bridge: BridgeBase, model: torch.nn.Module, read: Callable[[st
         if name not in splits:
             raise ConversionError(f"{name}: a parameter of the Megatron model that the bridge does not map")
         rank, size = _tp_rank_and_size(name)
-        piece = splits[name].shard(read(name), rank, size)
-        if tuple(piece.shape) != tuple(param.shape):
-            raise ConversionError(f"{name}: this rank's slice is {list(piece.shape)} but the model's parameter is {list(param.shape)}")
-        param.copy_(piece)
+        _copy_into(param, splits[name].shard(read(name), rank, size), name)
 
 
 @torch.no_grad()
@@ -111,9 +105,9 @@ def export(bridge: BridgeBase, model: torch.nn.Module, *, prefix: str) -> dict[s
     params = global_parameters(model, prefix)
     splits = {name: group.split for group in bridge.groups for name in group.megatron}
     mine: dict[str, Tensor] = {}
-    for name, param in params.items():
+    for name, copies in params.items():
         rank, size = _tp_rank_and_size(name)
-        tensor = param.detach()
+        tensor = copies[0].detach()
         if size > 1 and splits[name].dim is not None:
             tensor = splits[name].merge(_gather(tensor, name))
         if rank == 0:
@@ -131,6 +125,13 @@ def export(bridge: BridgeBase, model: torch.nn.Module, *, prefix: str) -> dict[s
     if missing:
         raise ConversionError(f"{missing[0]}: no rank of the model holds this tensor")
     return {name: everything[name] for name in expected}
+
+
+def _copy_into(params: list[torch.nn.Parameter], piece: Tensor, name: str) -> None:
+    for param in params:
+        if tuple(piece.shape) != tuple(param.shape):
+            raise ConversionError(f"{name}: this rank's slice is {list(piece.shape)} but the model's parameter is {list(param.shape)}")
+        param.copy_(piece)
 
 
 def _gather(tensor: Tensor, name: str) -> list[Tensor]:

@@ -1,0 +1,81 @@
+"""What each rank of a multi-process conversion test runs (spawned processes import it by name).
+
+A rank builds its shard of the megatron-core model through the bridge, loads the HF checkpoint
+sharded (each rank takes its own slices), runs the forward, and exports the model back to HF.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from codegen.runtime.tp import COLUMN
+
+
+@dataclass(frozen=True)
+class RankResult:
+    logits: torch.Tensor
+    mtp_logits: list[torch.Tensor]
+    exported: dict[str, torch.Tensor] | None
+    layer_numbers: list[int]
+    local_experts: int
+
+
+def convert_and_run(
+    hf_dir: Path,
+    bridge_dir: Path,
+    input_ids: torch.Tensor,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    sequence_parallel: bool = False,
+    naive_gdn_split: bool = False,
+) -> RankResult:
+    """This rank's logits (full vocabulary, as every rank sees them) and, on rank 0, the export."""
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    import torch.distributed as dist
+
+    from codegen.conversion import bridge_for_checkpoint
+    from codegen.runtime.megatron_model import forward_logits
+    from codegen.runtime.parallel import destroy_parallel, init_parallel
+
+    bridge, _spec, _source = bridge_for_checkpoint(Path(hf_dir), bridge_dir=Path(bridge_dir), quiet=True)
+    parallel = init_parallel(tp, pp, ep, sequence_parallel=sequence_parallel)
+    try:
+        model = bridge.build_model(**parallel)
+        bridge.load_hf(model, hf_dir)
+        if naive_gdn_split:
+            _split_gdn_in_proj_naively(bridge, model, hf_dir)
+        logits, mtp = forward_logits(model, input_ids)
+        exported = bridge.export_hf(model)
+        layers = [layer.layer_number - 1 for layer in model.decoder.layers]
+        local_experts = getattr(model.config, "num_moe_experts", None) or 0
+        local_experts //= parallel["expert_model_parallel_size"]
+        rank = dist.get_rank()
+    finally:
+        destroy_parallel()
+    return RankResult(logits, mtp, exported if rank == 0 else None, layers, local_experts)
+
+
+@torch.no_grad()
+def _split_gdn_in_proj_naively(bridge, model, hf_dir: Path) -> None:
+    """The negative control: cut GDN in_proj contiguously instead of section by section."""
+    from megatron.core import parallel_state
+
+    from codegen.runtime.checkpoint import CheckpointReader
+    from codegen.runtime.live import global_parameters
+    from codegen.runtime.mappings import ConvertOptions
+
+    params = global_parameters(model, bridge._prefix(model))
+    rank, size = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+    with CheckpointReader(Path(hf_dir)) as reader:
+        for group in bridge.groups:
+            if group.kind.startswith("GDNInProj"):
+                (name,) = group.megatron
+                if name in params:
+                    full = group.to_megatron({n: reader.get(n) for n in group.hf}, ConvertOptions())[name]
+                    params[name][0].copy_(COLUMN.shard(full, rank, size))
