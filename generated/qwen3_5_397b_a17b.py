@@ -38,7 +38,7 @@ from codegen.runtime.mappings import (
     VisionQKV,
 )
 from codegen.runtime.tp import COLUMN, GLU_ROWS, ROW, VOCAB
-from codegen.runtime.transforms import AttentionDims, GDNDims, VisionDims
+from codegen.runtime.dims import AttentionDims, GDNDims, VisionDims
 from codegen.runtime.version import require_megatron_core
 
 require_megatron_core("0.19")

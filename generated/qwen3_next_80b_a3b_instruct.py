@@ -27,7 +27,7 @@ from typing import Any
 from codegen.runtime.bridge import BridgeBase
 from codegen.runtime.mappings import GDNConv1d, GDNInProjGrouped, GDNOutNorm, GLU, GatedQKV, Rename
 from codegen.runtime.tp import COLUMN, ROW, VOCAB
-from codegen.runtime.transforms import AttentionDims, GDNDims
+from codegen.runtime.dims import AttentionDims, GDNDims
 from codegen.runtime.version import require_megatron_core
 
 require_megatron_core("0.19")

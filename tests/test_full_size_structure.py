@@ -85,7 +85,7 @@ def test_megatron_model_matches_the_bridge(model_id: str) -> None:
         with torch.device("meta"):
             model = bridge.build_model(**parallel)
         prefix = bridge.megatron_prefix
-        params = {k: tuple(p.shape) for k, p in global_parameters(model, prefix).items()}
+        params = {k: tuple(copies[0].shape) for k, copies in global_parameters(model, prefix).items()}
     finally:
         destroy_parallel()
     expected = {k: v for k, v in bridge.megatron_shapes.items() if k.startswith(prefix)}

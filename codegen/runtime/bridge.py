@@ -7,11 +7,12 @@ from __future__ import annotations
 from collections import Counter
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from codegen.runtime.mappings import ConvertOptions, Group, MappingBase
+
+if TYPE_CHECKING:
+    import torch
 
 
 class BridgeBase:
@@ -59,13 +60,16 @@ class BridgeBase:
 
     # -- Live megatron-core models -----------------------------------------------------------------
 
-    def build_model(self, *, params_dtype: torch.dtype = torch.float32, **overrides: Any) -> Any:
+    def build_model(self, *, params_dtype: torch.dtype | None = None, **overrides: Any) -> Any:
         """This rank's megatron-core model. Initialise parallel state first
         (`codegen.runtime.parallel.init_parallel`, whose return value belongs in `overrides`).
         Without Transformer Engine, the CPU backend and its settings are used."""
+        import torch
+
         from codegen.runtime.megatron_model import build_gpt_model, cpu_config_overrides
         from codegen.runtime.megatron_shims import transformer_engine_available
 
+        params_dtype = params_dtype or torch.float32
         settings = {} if transformer_engine_available() else cpu_config_overrides()
         settings |= {"params_dtype": params_dtype, "pipeline_dtype": params_dtype, "bf16": params_dtype == torch.bfloat16} | overrides
         return build_gpt_model(self.transformer_config(**settings), **self.gpt_model_args)

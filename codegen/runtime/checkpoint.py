@@ -108,6 +108,12 @@ class CheckpointReader:
     def dtype(self, name: str) -> torch.dtype:
         return self.tensors[name].dtype
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name].shape
+
+    def file(self, name: str) -> str:
+        return self.tensors[name].file
+
     def get(self, name: str) -> torch.Tensor:
         info = self.tensors.get(name)
         if info is None:

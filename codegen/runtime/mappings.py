@@ -13,13 +13,23 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from torch import Tensor
+from typing import TYPE_CHECKING
 
-from codegen.runtime import transforms as t
+from codegen.runtime import dims as d
 from codegen.runtime.tp import COLUMN, GLU_ROWS, REPLICATED, Split, sections
 
-Tensors = Mapping[str, Tensor]
+if TYPE_CHECKING:
+    from torch import Tensor
+
+Tensors = Mapping[str, "Tensor"]
 Shape = tuple[int, ...]
+
+
+def _t():
+    """The tensor functions, imported on first use: reading or expanding a table needs no torch."""
+    from codegen.runtime import transforms
+
+    return transforms
 
 
 @dataclass(frozen=True)
@@ -94,7 +104,7 @@ class GatedQKV(MappingBase):
     q: str = ""
     k: str = ""
     v: str = ""
-    dims: t.AttentionDims = t.AttentionDims(1, 1, 1)
+    dims: d.AttentionDims = d.AttentionDims(1, 1, 1)
     hidden: int = 0
 
     def _groups(self, index: dict[str, int]) -> Iterator[Group]:
@@ -106,8 +116,8 @@ class GatedQKV(MappingBase):
             hf,
             {meg: (rows, self.hidden)},
             COLUMN,  # whole KV groups per rank: each group's rows are contiguous
-            lambda ts, _o: {meg: t.gated_qkv_to_megatron(ts[q], ts[k], ts[v], dims)},
-            lambda ts: dict(zip((q, k, v), t.gated_qkv_to_hf(ts[meg], dims))),
+            lambda ts, _o: {meg: _t().gated_qkv_to_megatron(ts[q], ts[k], ts[v], dims)},
+            lambda ts: dict(zip((q, k, v), _t().gated_qkv_to_hf(ts[meg], dims))),
         )
 
 
@@ -119,7 +129,7 @@ class GDNInProj(MappingBase):
     z: str = ""
     b: str = ""
     a: str = ""
-    dims: t.GDNDims = t.GDNDims(1, 1, 1, 1)
+    dims: d.GDNDims = d.GDNDims(1, 1, 1, 1)
     hidden: int = 0
 
     def _groups(self, index: dict[str, int]) -> Iterator[Group]:
@@ -131,8 +141,8 @@ class GDNInProj(MappingBase):
             {n: (r, self.hidden) for n, r in zip(names, rows)},
             {meg: (sum(s), self.hidden)},
             sections(*s),
-            lambda ts, _o: {meg: t.gdn_in_proj_to_megatron(*(ts[n] for n in names))},
-            lambda ts: dict(zip(names, t.gdn_in_proj_to_hf(ts[meg], dims))),
+            lambda ts, _o: {meg: _t().gdn_in_proj_to_megatron(*(ts[n] for n in names))},
+            lambda ts: dict(zip(names, _t().gdn_in_proj_to_hf(ts[meg], dims))),
         )
 
 
@@ -142,7 +152,7 @@ class GDNInProjGrouped(MappingBase):
 
     qkvz: str = ""
     ba: str = ""
-    dims: t.GDNDims = t.GDNDims(1, 1, 1, 1)
+    dims: d.GDNDims = d.GDNDims(1, 1, 1, 1)
     hidden: int = 0
 
     def _groups(self, index: dict[str, int]) -> Iterator[Group]:
@@ -152,8 +162,8 @@ class GDNInProjGrouped(MappingBase):
             {qkvz: (s[0] + s[1] + s[2] + s[3], self.hidden), ba: (s[4] + s[5], self.hidden)},
             {meg: (sum(s), self.hidden)},
             sections(*s),
-            lambda ts, _o: {meg: t.gdn_grouped_in_proj_to_megatron(ts[qkvz], ts[ba], dims)},
-            lambda ts: dict(zip((qkvz, ba), t.gdn_grouped_in_proj_to_hf(ts[meg], dims))),
+            lambda ts, _o: {meg: _t().gdn_grouped_in_proj_to_megatron(ts[qkvz], ts[ba], dims)},
+            lambda ts: dict(zip((qkvz, ba), _t().gdn_grouped_in_proj_to_hf(ts[meg], dims))),
         )
 
 
@@ -162,7 +172,7 @@ class GDNConv1d(MappingBase):
     """The causal conv1d over [q; k; v] channels: copied, but split per section across TP ranks."""
 
     hf: str = ""
-    dims: t.GDNDims = t.GDNDims(1, 1, 1, 1)
+    dims: d.GDNDims = d.GDNDims(1, 1, 1, 1)
     kernel: int = 0
 
     def _groups(self, index: dict[str, int]) -> Iterator[Group]:
@@ -184,8 +194,8 @@ class GDNOutNorm(MappingBase):
             {hf: self.shape},
             {meg: self.shape},
             REPLICATED,
-            lambda ts, o: {meg: t.shift_norm_to_megatron(ts[hf], hf, allow_rounding=o.allow_norm_rounding)},
-            lambda ts: {hf: t.shift_norm_to_hf(ts[meg])},
+            lambda ts, o: {meg: _t().shift_norm_to_megatron(ts[hf], hf, allow_rounding=o.allow_norm_rounding)},
+            lambda ts: {hf: _t().shift_norm_to_hf(ts[meg])},
         )
 
 
@@ -207,8 +217,8 @@ class GLU(MappingBase):
                 {gate: self.shape, up: self.shape},
                 {meg: (2 * rows, cols)},
                 GLU_ROWS,
-                lambda ts, _o, meg=meg, gate=gate, up=up: {meg: t.glu_to_megatron(ts[gate], ts[up])},
-                lambda ts, meg=meg, gate=gate, up=up: dict(zip((gate, up), t.glu_to_hf(ts[meg]))),
+                lambda ts, _o, meg=meg, gate=gate, up=up: {meg: _t().glu_to_megatron(ts[gate], ts[up])},
+                lambda ts, meg=meg, gate=gate, up=up: dict(zip((gate, up), _t().glu_to_hf(ts[meg]))),
             )
 
 
@@ -229,8 +239,8 @@ class PackedExperts(MappingBase):
             {hf: self.shape},
             {m: tuple(inner) for m in megs},
             self.tp,
-            lambda ts, _o: dict(zip(megs, t.unstack_experts(ts[hf]))),
-            lambda ts: {hf: t.stack_experts([ts[m] for m in megs])},
+            lambda ts, _o: dict(zip(megs, _t().unstack_experts(ts[hf]))),
+            lambda ts: {hf: _t().stack_experts([ts[m] for m in megs])},
         )
 
 
@@ -239,7 +249,7 @@ class VisionQKV(MappingBase):
     """Vision attention qkv (weight or bias): HF flat [Q; K; V] -> Megatron per head [q; k; v]."""
 
     hf: str = ""
-    dims: t.VisionDims = t.VisionDims(1, 1)
+    dims: d.VisionDims = d.VisionDims(1, 1)
     shape: Shape = ()
 
     def _groups(self, index: dict[str, int]) -> Iterator[Group]:
@@ -248,6 +258,6 @@ class VisionQKV(MappingBase):
             {hf: self.shape},
             {meg: self.shape},
             COLUMN,  # whole heads per rank
-            lambda ts, _o: {meg: t.vision_qkv_to_megatron(ts[hf], dims)},
-            lambda ts: {hf: t.vision_qkv_to_hf(ts[meg], dims)},
+            lambda ts, _o: {meg: _t().vision_qkv_to_megatron(ts[hf], dims)},
+            lambda ts: {hf: _t().vision_qkv_to_hf(ts[meg], dims)},
         )

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class Split:
         """The slice that TP rank `rank` of `size` holds."""
         if self.dim is None or size == 1:
             return tensor
+        import torch
+
         pieces = []
         for section in tensor.split(self._sizes(tensor.shape[self.dim]), dim=self.dim):
             if section.shape[self.dim] % size:
@@ -50,6 +53,8 @@ class Split:
         """Inverse of `shard` over all ranks."""
         if self.dim is None or len(shards) == 1:
             return shards[0]
+        import torch
+
         size = len(shards)
         full = sum(s.shape[self.dim] for s in shards)
         local_sizes = [n // size for n in self._sizes(full)]
