@@ -98,7 +98,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     common = dict(bridge_dir=args.bridge_dir, force=args.force, max_shard_bytes=args.max_shard_size, quiet=args.quiet)
     if args.direction == "hf-to-megatron":
-        report = conversion.hf_to_megatron(args.src, args.dst, allow_norm_rounding=args.accept_norm_rounding, dequantize_to=args.dequantize_to, **common)
+        report = conversion.hf_to_megatron(args.src, args.dst, output_format=args.format, allow_norm_rounding=args.accept_norm_rounding, dequantize_to=args.dequantize_to, **common)
     else:
         report = conversion.megatron_to_hf(args.src, args.dst, experts=args.experts, mtp_experts=args.mtp_experts, fp8=args.fp8, **common)
     if not args.quiet:
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("direction", choices=("hf-to-megatron", "megatron-to-hf"))
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
-    p.add_argument("--format", choices=("safetensors",), default="safetensors", help="Megatron output format")
+    p.add_argument("--format", choices=("safetensors", "torch_dist"), default="safetensors", help="hf-to-megatron: Megatron output format (megatron-to-hf reads either)")
     p.add_argument("--experts", choices=LAYOUTS, help="megatron-to-hf: store routed experts this way (default: as the source did)")
     p.add_argument("--mtp-experts", choices=LAYOUTS, help="megatron-to-hf: store MTP experts this way")
     p.add_argument("--bridge-dir", type=Path, help="where to generate a bridge when no committed one matches")

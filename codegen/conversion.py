@@ -44,10 +44,9 @@ def bridge_for_spec(spec: ModelSpec, model_id: str, *, bridge_dir: Path | None =
     return bridge
 
 
-def hf_to_megatron(src: Path, dst: Path, *, bridge_dir: Path | None = None, force: bool = False, max_shard_bytes: int, allow_norm_rounding: bool = False, dequantize_to: str = "bfloat16", quiet: bool = False) -> runtime_convert.Report:
+def hf_to_megatron(src: Path, dst: Path, *, output_format: str = "safetensors", bridge_dir: Path | None = None, force: bool = False, max_shard_bytes: int, allow_norm_rounding: bool = False, dequantize_to: str = "bfloat16", quiet: bool = False) -> runtime_convert.Report:
     bridge, spec, source = bridge_for_checkpoint(src, bridge_dir=bridge_dir, quiet=quiet)
     record: dict[str, Any] = {
-        "format": runtime_convert.MEGATRON_SAFETENSORS,
         "model_id": source.model_id,
         "spec_sha256": spec.fingerprint(),
         "spec": spec.to_dict(),
@@ -55,7 +54,7 @@ def hf_to_megatron(src: Path, dst: Path, *, bridge_dir: Path | None = None, forc
     }
     options = ConvertOptions(allow_norm_rounding=allow_norm_rounding)
     progress = for_terminal(f"{src.name} -> Megatron", quiet=quiet)
-    return runtime_convert.hf_to_megatron(bridge, src, dst, record=record, options=options, max_shard_bytes=max_shard_bytes, force=force, progress=progress, dequantize_to=getattr(torch, dequantize_to))
+    return runtime_convert.hf_to_megatron(bridge, src, dst, record=record, options=options, max_shard_bytes=max_shard_bytes, force=force, progress=progress, dequantize_to=getattr(torch, dequantize_to), output_format=output_format)
 
 
 def megatron_to_hf(src: Path, dst: Path, *, experts: str | None = None, mtp_experts: str | None = None, fp8: bool = False, bridge_dir: Path | None = None, force: bool = False, max_shard_bytes: int, quiet: bool = False) -> runtime_convert.Report:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,8 @@ import torch
 
 from codegen.errors import ConversionError
 from codegen.runtime.bridge import BridgeBase
-from codegen.runtime.checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointReader, staged_directory
 from codegen.runtime import fp8
+from codegen.runtime.checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointReader, staged_directory
 from codegen.runtime.fp8 import DequantizingReader
 from codegen.runtime.mappings import ConvertOptions, Group, Shape
 from codegen.runtime.safetensors_stream import Opener, Planned, StreamingWriter, plan_shards, write_index
@@ -29,6 +30,8 @@ RECORD = "codegen.json"
 HF_CONFIG = "hf_config.json"
 HF_EXTRA_FILES = ("generation_config.json",)
 MEGATRON_SAFETENSORS = "megatron-safetensors"
+MEGATRON_TORCH_DIST = "megatron-torch_dist"
+FORMATS = {"safetensors": MEGATRON_SAFETENSORS, "torch_dist": MEGATRON_TORCH_DIST}
 
 
 class Progress:
@@ -146,13 +149,15 @@ def hf_to_megatron(
     progress: Progress = Progress(),
     opener: Opener | None = None,
     dequantize_to: torch.dtype = torch.bfloat16,
+    output_format: str = "safetensors",
 ) -> Report:
-    """HF safetensors -> the unsharded Megatron state dict as safetensors (megatron-core names).
+    """HF safetensors -> a Megatron checkpoint: the unsharded state dict as safetensors
+    (megatron-core names), or a `torch_dist` checkpoint for `dist_checkpointing.load`.
 
     An FP8 checkpoint is dequantised to `dequantize_to` on the way; the record lists which
     tensors were FP8, so that the way back can quantise them again if asked.
     """
-    record = dict(record)
+    record = dict(record) | {"format": FORMATS[output_format]}
     with CheckpointReader(source) as raw:
         reader: Any = raw
         if bridge.quantization is not None:
@@ -161,11 +166,14 @@ def hf_to_megatron(
             record["fp8_tensors"] = sorted(reader.quantized)
         check_source(reader, bridge.hf_shapes, "HF")
         with staged_directory(destination, force=force) as staging:
-            report = convert_directory(
-                bridge.groups, reader, staging, lambda g, ts: g.to_megatron(ts, options),
-                source_side="hf", target_side="megatron", max_shard_bytes=max_shard_bytes,
-                index_metadata={"format": MEGATRON_SAFETENSORS}, progress=progress, opener=opener,
-            )
+            if output_format == "torch_dist":
+                report = _write_torch_dist(bridge, reader, staging, options, progress)
+            else:
+                report = convert_directory(
+                    bridge.groups, reader, staging, lambda g, ts: g.to_megatron(ts, options),
+                    source_side="hf", target_side="megatron", max_shard_bytes=max_shard_bytes,
+                    index_metadata={"format": MEGATRON_SAFETENSORS}, progress=progress, opener=opener,
+                )
             copy_hf_files(Path(source), staging)
             (staging / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return report
@@ -190,7 +198,7 @@ def megatron_to_hf(
     stage = None
     if bridge.quantization is not None:
         stage = Requantize(set(fp8_tensors), tuple(bridge.quantization["weight_block_size"]))
-    with CheckpointReader(source) as reader:
+    with _megatron_reader(bridge, Path(source)) as reader:
         check_source(reader, bridge.megatron_shapes, "Megatron")
         with staged_directory(destination, force=force) as staging:
             report = convert_directory(
@@ -219,6 +227,37 @@ class Requantize(OutputStage):
             return {name: tensor}
         weight, scale = fp8.quantize(tensor, self.block)
         return {name: weight, fp8.scale_name(name): scale}
+
+
+def _write_torch_dist(bridge: BridgeBase, reader: Any, staging: Path, options: ConvertOptions, progress: Progress) -> Report:
+    from codegen.runtime import torch_dist
+
+    def convert(group: Group) -> dict[str, torch.Tensor]:
+        return group.to_megatron({name: reader.get(name) for name in group.hf}, options)
+
+    planned = plan(bridge.groups, reader, "hf", "megatron")
+    total = sum(p.nbytes for p in planned)
+    with torch_dist.meta_model(bridge) as model:
+        progress.start(len(bridge.megatron_shapes), total)
+        try:
+            written = torch_dist.write(bridge, model, staging, convert, on_chunk=lambda n: progress.advance(0, n))
+        finally:
+            progress.finish()
+    return Report(len(bridge.hf_shapes), len(bridge.megatron_shapes), written)
+
+
+@contextmanager
+def _megatron_reader(bridge: BridgeBase, source: Path) -> Iterator[Any]:
+    """The tensors of a Megatron checkpoint written by `hf_to_megatron`, in either format."""
+    record = read_record(source)
+    if record.get("format") == MEGATRON_TORCH_DIST:
+        from codegen.runtime import torch_dist
+
+        with torch_dist.meta_model(bridge) as model:
+            yield torch_dist.Reader(bridge, model, source)
+    else:
+        with CheckpointReader(source) as reader:
+            yield reader
 
 
 def read_record(source: Path) -> dict[str, Any]:

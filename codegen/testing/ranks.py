@@ -79,3 +79,28 @@ def _split_gdn_in_proj_naively(bridge, model, hf_dir: Path) -> None:
                 if name in params:
                     full = group.to_megatron({n: reader.get(n) for n in group.hf}, ConvertOptions())[name]
                     params[name][0].copy_(COLUMN.shard(full, rank, size))
+
+
+def restore_and_run(checkpoint: Path, hf_dir: Path, bridge_dir: Path, input_ids: torch.Tensor, *, tp: int = 1, ep: int = 1) -> RankResult:
+    """Restore a torch_dist checkpoint with megatron-core's own `dist_checkpointing.load` into
+    this rank's shard of the model, then run the forward."""
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    from megatron.core import dist_checkpointing
+
+    from codegen.conversion import bridge_for_checkpoint
+    from codegen.runtime.megatron_model import forward_logits
+    from codegen.runtime.parallel import destroy_parallel, init_parallel
+
+    bridge, _spec, _source = bridge_for_checkpoint(Path(hf_dir), bridge_dir=Path(bridge_dir), quiet=True)
+    parallel = init_parallel(tp, 1, ep)
+    try:
+        model = bridge.build_model(**parallel)
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(checkpoint))
+        result = model.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise AssertionError(f"restore left missing {missing[:3]} / unexpected {result.unexpected_keys[:3]}")
+        logits, mtp = forward_logits(model, input_ids)
+    finally:
+        destroy_parallel()
+    return RankResult(logits, mtp, None, [], 0)

@@ -1,0 +1,110 @@
+"""Megatron torch_dist checkpoints: written on CPU in megatron-core's layout (FACTS.md sections 5
+to 7), restored by megatron-core's own `dist_checkpointing.load` at TP=1, TP=2 and EP=2 with HF's
+logits, and read back to HF bit for bit."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+
+from codegen import catalog
+from codegen.cli import main
+from codegen.conversion import bridge_for_checkpoint
+from codegen.runtime.checkpoint import CheckpointReader
+from codegen.runtime.parallel import run_ranks
+from codegen.testing import make_checkpoint, reference_mtp_logits
+from codegen.testing.ranks import restore_and_run
+
+TOLERANCE = 1e-4
+VARIANTS = {
+    "dense-text": ("Qwen/Qwen3.6-27B", {"text_only": True, "text_prefix": "model"}),
+    "moe-text": ("Qwen/Qwen3.5-35B-A3B", {"text_only": True, "experts_layout": "packed", "mtp_experts_layout": "per_expert"}),
+    "qwen3-next": ("Qwen/Qwen3-Next-80B-A3B-Instruct", {"experts_layout": "per_expert", "mtp_experts_layout": "per_expert"}),
+}
+
+
+@pytest.fixture(scope="module")
+def convert_variant(tmp_path_factory):
+    """Each variant converted once per module: (folder, HF checkpoint, spec)."""
+    done = {}
+
+    def convert(name: str):
+        if name not in done:
+            tmp = tmp_path_factory.mktemp(name)
+            model_id, options = VARIANTS[name]
+            checkpoint = make_checkpoint(tmp / "hf", catalog.entry(model_id).config, seed=13, **options)
+            bridges = tmp / "bridges"
+            args = ["convert", "hf-to-megatron", str(checkpoint.path), str(tmp / "dist"), "--format", "torch_dist", "--bridge-dir", str(bridges), "--quiet"]
+            assert main(args) == 0
+            _bridge, spec, _ = bridge_for_checkpoint(checkpoint.path, bridge_dir=bridges, quiet=True)
+            done[name] = (tmp, checkpoint, spec)
+        return done[name]
+
+    return convert
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def converted(request, convert_variant):
+    return convert_variant(request.param)
+
+
+def stored_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    metadata = FileSystemReader(str(directory)).read_metadata()
+    return {k: tuple(v.size) for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
+
+
+def test_layout_follows_megatron_cores_rules(converted) -> None:
+    tmp, _checkpoint, spec = converted
+    shapes = stored_shapes(tmp / "dist")
+    g, a, h = spec.gdn, spec.attention, spec.hidden_size
+    gdn_layer = spec.layer_types.index("gdn")
+    base = f"decoder.layers.{gdn_layer}.self_attention."
+    # GDN in_proj and conv1d: one tensor per section, TP-independent (FACTS section 5).
+    qk, v = g.num_key_heads * g.key_head_dim, g.num_value_heads * g.value_head_dim
+    expected = {"query": qk, "key": qk, "value": v, "z": v, "beta": g.num_value_heads, "alpha": g.num_value_heads}
+    for section, rows in expected.items():
+        assert shapes[f"{base}in_proj.weight.{section}"] == (rows, h)
+    for section in ("query", "key", "value"):
+        assert shapes[f"{base}conv1d.weight.{section}"] == (expected[section], 1, g.conv_kernel)
+    assert f"{base}in_proj.weight" not in shapes
+    # MTP: the inner layer is still called transformer_layer in 0.19.2 checkpoints (FACTS section 7).
+    assert not [k for k in shapes if "mtp_model_layer" in k]
+    assert shapes["mtp.layers.0.transformer_layer.self_attention.linear_qkv.weight"] == (a.num_kv_heads * (2 * a.num_heads // a.num_kv_heads + 2) * a.head_dim, h)
+    # Routed experts stacked [E, ...] (FACTS section 6), in the decoder and in MTP.
+    if spec.moe:
+        m = spec.moe
+        for layer in ("decoder.layers.0.", "mtp.layers.0.transformer_layer."):
+            assert shapes[f"{layer}mlp.experts.experts.linear_fc1.weight"] == (m.num_experts, 2 * m.expert_intermediate_size, h)
+            assert shapes[f"{layer}mlp.experts.experts.linear_fc2.weight"] == (m.num_experts, h, m.expert_intermediate_size)
+        assert not [k for k in shapes if ".linear_fc1.weight0" in k]
+
+
+def test_round_trip_is_bit_identical(converted) -> None:
+    tmp, checkpoint, _spec = converted
+    assert main(["convert", "megatron-to-hf", str(tmp / "dist"), str(tmp / "back"), "--bridge-dir", str(tmp / "bridges"), "--quiet", "--force"]) == 0
+    with CheckpointReader(checkpoint.path) as original, CheckpointReader(tmp / "back") as back:
+        assert back.names() == original.names()
+        for name in original.names():
+            a, b = original.get(name), back.get(name)
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+RESTORES = [("dense-text", {"tp": 1}), ("dense-text", {"tp": 2}), ("moe-text", {"tp": 1}), ("moe-text", {"ep": 2}), ("qwen3-next", {"tp": 2})]
+
+
+@pytest.mark.parametrize(("variant", "parallel"), RESTORES, ids=[f"{v}-{'-'.join(f'{k}{n}' for k, n in p.items())}" for v, p in RESTORES])
+def test_megatron_core_restores_it_with_hf_logits(convert_variant, variant: str, parallel: dict) -> None:
+    tmp, checkpoint, spec = convert_variant(variant)
+    ids = torch.randint(0, spec.vocab_size, (1, 80), generator=torch.Generator().manual_seed(3))
+    model = checkpoint.model.eval()
+    with torch.no_grad():
+        expected, expected_mtp = model(input_ids=ids).logits, reference_mtp_logits(model, checkpoint.mtp, ids)
+    world = max(parallel.values())
+    results = run_ranks(partial(restore_and_run, **parallel), world, tmp / "dist", checkpoint.path, tmp / "bridges", ids)
+    for result in results:
+        assert (result.logits - expected).abs().max().item() <= TOLERANCE
+        assert (result.mtp_logits[0] - expected_mtp).abs().max().item() <= TOLERANCE
