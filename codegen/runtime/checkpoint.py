@@ -80,10 +80,11 @@ class CheckpointReader:
             raise ConversionError(f"{self.directory}: no {INDEX_NAME} or {SINGLE_FILE}")
         files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
         for file in files:
-            path = self.directory / file
-            if not path.is_file():
+            if not (self.directory / file).is_file():
                 example = next(k for k, v in weight_map.items() if v == file)
-                raise ConversionError(f"{path}: shard named by the index (for {example}) does not exist")
+                raise ConversionError(f"{self.directory / file}: shard named by the index (for {example}) does not exist")
+        for file in files:
+            path = self.directory / file
             try:
                 handle = self._stack.enter_context(safe_open(path, framework="pt"))
             except (SafetensorError, OSError) as e:

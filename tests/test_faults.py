@@ -1,0 +1,217 @@
+"""Every fault gives one clear error naming the file and the tensor, a non-zero exit, and no
+destination at all (nothing partial that looks like a checkpoint)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from codegen import catalog
+from codegen.cli import main
+from codegen.conversion import bridge_for_checkpoint
+from codegen.errors import ConversionError
+from codegen.runtime import convert as runtime_convert
+from codegen.testing import make_checkpoint
+
+INDEX = "model.safetensors.index.json"
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("pristine")
+    config = catalog.entry("Qwen/Qwen3.5-35B-A3B").config
+    return make_checkpoint(tmp / "hf", config, seed=21, text_only=True, experts_layout="packed", mtp_experts_layout="per_expert").path
+
+
+@pytest.fixture
+def source(pristine: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "hf"
+    shutil.copytree(pristine, copy)
+    return copy
+
+
+def index_of(folder: Path) -> dict:
+    return json.loads((folder / INDEX).read_text())
+
+
+def shard_of(folder: Path, tensor: str) -> Path:
+    return folder / index_of(folder)["weight_map"][tensor]
+
+
+def rewrite_shard(path: Path, edit) -> None:
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def convert_fails(source: Path, tmp_path: Path, capsys, *fragments: str, args: tuple[str, ...] = ()) -> None:
+    destination = tmp_path / "out"
+    code = main(["convert", "hf-to-megatron", str(source), str(destination), "--bridge-dir", str(tmp_path / "bridges"), "--quiet", *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in {err!r}"
+    assert not destination.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")], "a staging folder was left behind"
+
+
+GATE = "model.layers.3.mlp.shared_expert.gate_proj.weight"
+Z = "model.layers.0.linear_attn.in_proj_z.weight"
+NORM = "model.layers.0.linear_attn.norm.weight"
+
+
+def test_truncated_shard(source, tmp_path, capsys):
+    shard = shard_of(source, GATE)
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    convert_fails(source, tmp_path, capsys, str(shard), "truncated or corrupt")
+
+
+def test_corrupt_header(source, tmp_path, capsys):
+    shard = shard_of(source, GATE)
+    data = bytearray(shard.read_bytes())
+    data[8:40] = b"\x00" * 32
+    shard.write_bytes(bytes(data))
+    convert_fails(source, tmp_path, capsys, str(shard), "truncated or corrupt")
+
+
+def test_index_names_a_missing_shard(source, tmp_path, capsys):
+    index = index_of(source)
+    index["weight_map"][GATE] = "model-00009-of-00009.safetensors"
+    (source / INDEX).write_text(json.dumps(index))
+    convert_fails(source, tmp_path, capsys, "model-00009-of-00009.safetensors", "does not exist", GATE)
+
+
+def test_index_names_a_tensor_its_shard_lacks(source, tmp_path, capsys):
+    rewrite_shard(shard_of(source, GATE), lambda ts: ts.pop(GATE))
+    convert_fails(source, tmp_path, capsys, GATE, "lacks tensor", str(shard_of(source, GATE)))
+
+
+def test_shard_holds_a_tensor_the_index_does_not_list(source, tmp_path, capsys):
+    rewrite_shard(shard_of(source, GATE), lambda ts: ts.update({"model.layers.0.stray.weight": torch.zeros(2)}))
+    convert_fails(source, tmp_path, capsys, "model.layers.0.stray.weight", "the index does not list it")
+
+
+def test_tensor_in_two_shards(source, tmp_path, capsys):
+    shards = sorted(set(index_of(source)["weight_map"].values()))
+    other = next(s for s in shards if source / s != shard_of(source, GATE))
+    rewrite_shard(source / other, lambda ts: ts.update({GATE: torch.zeros(2)}))
+    convert_fails(source, tmp_path, capsys, GATE, "duplicate tensor")
+
+
+def test_missing_tensor(source, tmp_path, capsys):
+    rewrite_shard(shard_of(source, GATE), lambda ts: ts.pop(GATE))
+    index = index_of(source)
+    del index["weight_map"][GATE]
+    (source / INDEX).write_text(json.dumps(index))
+    convert_fails(source, tmp_path, capsys, GATE, "missing from the HF checkpoint")
+
+
+def test_unexpected_tensor(source, tmp_path, capsys):
+    extra = "model.layers.0.mlp.experts.extra_bias"
+    rewrite_shard(shard_of(source, GATE), lambda ts: ts.update({extra: torch.zeros(2)}))
+    index = index_of(source)
+    index["weight_map"][extra] = index["weight_map"][GATE]
+    (source / INDEX).write_text(json.dumps(index))
+    convert_fails(source, tmp_path, capsys, extra, "unexpected tensor", "not in the bridge")
+
+
+def test_wrong_shape(source, tmp_path, capsys):
+    rewrite_shard(shard_of(source, GATE), lambda ts: ts.update({GATE: ts[GATE][:-1].clone()}))
+    convert_fails(source, tmp_path, capsys, GATE, "shape", "but the bridge expects")
+
+
+def test_wrong_dtype_within_a_group(source, tmp_path, capsys):
+    rewrite_shard(shard_of(source, Z), lambda ts: ts.update({Z: ts[Z].to(torch.float16)}))
+    convert_fails(source, tmp_path, capsys, Z, "torch.float16", "different dtypes")
+
+
+def test_inexact_norm_shift_stops_unless_accepted(source, tmp_path, capsys):
+    rewrite_shard(shard_of(source, NORM), lambda ts: ts.update({NORM: torch.full_like(ts[NORM], 3e-8)}))
+    convert_fails(source, tmp_path, capsys, NORM, "not exact")
+    assert main(["convert", "hf-to-megatron", str(source), str(tmp_path / "out"), "--bridge-dir", str(tmp_path / "bridges"), "--quiet", "--accept-norm-rounding"]) == 0
+
+
+def test_existing_destination_needs_force(source, tmp_path, capsys):
+    destination = tmp_path / "out"
+    destination.mkdir()
+    (destination / "keep.txt").write_text("mine")
+    assert main(["convert", "hf-to-megatron", str(source), str(destination), "--bridge-dir", str(tmp_path / "bridges"), "--quiet"]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert (destination / "keep.txt").read_text() == "mine"
+    assert main(["convert", "hf-to-megatron", str(source), str(destination), "--bridge-dir", str(tmp_path / "bridges"), "--quiet", "--force"]) == 0
+    assert not (destination / "keep.txt").exists() and (destination / INDEX).is_file()
+
+
+class FullDisk:
+    """A file that accepts `room` bytes in all, then fails as a full disk does."""
+
+    room = 200_000
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "wb")  # noqa: SIM115 - closed by the writer
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if size > FullDisk.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        FullDisk.room -= size
+        return self._file.write(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def test_full_disk_leaves_nothing(source, tmp_path):
+    bridge, _spec, _ = bridge_for_checkpoint(source, bridge_dir=tmp_path / "bridges", quiet=True)
+    destination = tmp_path / "out"
+    with pytest.raises(ConversionError, match=r"model-\d{5}-of-\d{5}\.safetensors: cannot write tensor .*No space left on device"):
+        runtime_convert.hf_to_megatron(bridge, source, destination, record={}, max_shard_bytes=400_000, opener=FullDisk)
+    assert not destination.exists() and not list(tmp_path.glob(".out.partial*"))
+
+
+def test_file_size_limit_in_a_real_process(source, tmp_path):
+    """The real command under RLIMIT_FSIZE: writes fail with EFBIG, as on a full disk."""
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+    destination = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "codegen", "convert", "hf-to-megatron", str(source), str(destination), "--bridge-dir", str(tmp_path / "bridges"), "--quiet", "--max-shard-size", "1MB"],
+        capture_output=True, text=True, preexec_fn=limit,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "cannot write tensor" in result.stderr and "File too large" in result.stderr
+    assert not destination.exists() and not list(tmp_path.glob(".out.partial*"))
+
+
+def test_fp8_scale_faults(tmp_path, capsys):
+    config = catalog.entry("Qwen/Qwen3-Next-80B-A3B-Instruct-FP8").config
+    path = make_checkpoint(tmp_path / "fp8", config, seed=4, experts_layout="per_expert", dtype=torch.bfloat16).path
+    weight = "model.layers.0.mlp.shared_expert.down_proj.weight"
+    scale = weight + "_scale_inv"
+    shard = shard_of(path, scale)
+    original = shard.read_bytes()
+    rewrite_shard(shard, lambda ts: ts.update({scale: ts[scale][:, :-1].clone()}))
+    convert_fails(path, tmp_path, capsys, scale, "expected")
+    shard.write_bytes(original)
+    rewrite_shard(shard, lambda ts: ts.pop(scale))
+    index = index_of(path)
+    del index["weight_map"][scale]
+    (path / INDEX).write_text(json.dumps(index))
+    convert_fails(path, tmp_path, capsys, weight, "float8 weight without its scale")
