@@ -26,3 +26,12 @@ def load_config(config_dir: Path) -> Callable[[str], dict[str, Any]]:
         return json.loads((config_dir / name).read_text())
 
     return load
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory) -> None:
+    """Caches (generated bridges, torch_dist layouts) of this test session only, so tests start
+    cold and never read or leave the user's cache."""
+    import os
+
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))

@@ -232,29 +232,27 @@ class Requantize(OutputStage):
 def _write_torch_dist(bridge: BridgeBase, reader: Any, staging: Path, options: ConvertOptions, progress: Progress) -> Report:
     from codegen.runtime import torch_dist
 
+    planned = plan(bridge.groups, reader, "hf", "megatron")
+    dtypes = {p.name: p.dtype for p in planned}
+
     def convert(group: Group) -> dict[str, torch.Tensor]:
         return group.to_megatron({name: reader.get(name) for name in group.hf}, options)
 
-    planned = plan(bridge.groups, reader, "hf", "megatron")
-    total = sum(p.nbytes for p in planned)
-    with torch_dist.meta_model(bridge) as model:
-        progress.start(len(bridge.megatron_shapes), total)
-        try:
-            written = torch_dist.write(bridge, model, staging, convert, on_chunk=lambda n: progress.advance(0, n))
-        finally:
-            progress.finish()
-    return Report(len(bridge.hf_shapes), len(bridge.megatron_shapes), written)
+    progress.start(len(planned), sum(p.nbytes for p in planned))
+    try:
+        written = torch_dist.write(bridge, staging, convert, dtypes.__getitem__, on_chunk=lambda n: progress.advance(0, n))
+    finally:
+        progress.finish()
+    return Report(len(bridge.hf_shapes), len(planned), written)
 
 
 @contextmanager
 def _megatron_reader(bridge: BridgeBase, source: Path) -> Iterator[Any]:
     """The tensors of a Megatron checkpoint written by `hf_to_megatron`, in either format."""
-    record = read_record(source)
-    if record.get("format") == MEGATRON_TORCH_DIST:
+    if read_record(source).get("format") == MEGATRON_TORCH_DIST:
         from codegen.runtime import torch_dist
 
-        with torch_dist.meta_model(bridge) as model:
-            yield torch_dist.Reader(bridge, model, source)
+        yield torch_dist.Reader(bridge, source)
     else:
         with CheckpointReader(source) as reader:
             yield reader

@@ -1,24 +1,28 @@
 """Megatron `torch_dist` checkpoints, written from HF tensors and read back, without the model's
 weights in memory.
 
-The checkpoint's layout is megatron-core's own: the model is built on the meta device (no memory),
+The checkpoint's layout is megatron-core's own: the model is built on the meta device (no memory)
 and its `sharded_state_dict()` says which keys, shapes and chunks a checkpoint holds, including the
 factories that store GDN in_proj and conv1d as separate sections, GLU fc1 halves and stacked
-experts (FACTS.md sections 5 to 7). Tensor data is produced only when PyTorch Distributed
-Checkpoint writes that chunk: the bridge converts the chunk's group of HF tensors then, so memory
-holds a few groups, never the model. Reading runs the factories' merges in reverse, one group at a
-time. The files are what `megatron.core.dist_checkpointing.save` writes, and load with
+experts (FACTS.md sections 5 to 7). That layout is plain data (which rows of which Megatron tensor
+each chunk is), computed once per bridge and megatron-core release and cached, so a conversion
+needs neither megatron-core's import nor the model. Chunk data is produced only when PyTorch
+Distributed Checkpoint writes that chunk: memory holds a few converted groups, never the model.
+The files are what `megatron.core.dist_checkpointing.save` writes, and load with
 `dist_checkpointing.load(model.sharded_state_dict(), path)` at any TP/EP.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import base64
 import io
+import json
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -28,29 +32,50 @@ from codegen.errors import ConversionError
 from codegen.runtime.bridge import BridgeBase
 from codegen.runtime.mappings import Group
 
-BACKEND, BACKEND_VERSION = "torch_dist", 1
+LAYOUT_VERSION = 1
 GROUP_CACHE = 3  # converted groups kept: DCP writes chunks largest first, not group by group
 
 
 @dataclass(frozen=True)
 class Piece:
-    """One chunk of a checkpoint key, and where its data comes from: the Megatron parameter
-    `param` (a bridge name), cut by `factory` when the parameter is stored in parts."""
+    """One chunk of checkpoint `key`: rows `rows` (all when None) of the Megatron tensor `param`
+    (a bridge name), stored with shape `chunk_shape` at `offset` in a tensor of `global_shape`."""
 
     key: str
-    offset: tuple[int, ...]
     param: str
-    sharded: Any  # megatron ShardedTensor with meta data: shapes and offsets
-    factory: Any | None
+    param_shape: tuple[int, ...]
+    global_shape: tuple[int, ...]
+    offset: tuple[int, ...]
+    chunk_shape: tuple[int, ...]
+    rows: tuple[int, int] | None
 
 
 @dataclass
 class Layout:
     pieces: list[Piece]
-    objects: dict[str, Any]  # ShardedObjects by unique key: extra state and the common state
+    objects: dict[str, bytes]  # serialised ShardedObjects (extra state, common state) by key
+    config: str  # metadata.json
 
     def params(self) -> set[str]:
         return {p.param for p in self.pieces}
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "pieces": [asdict(p) for p in self.pieces],
+                "objects": {k: base64.b64encode(v).decode() for k, v in self.objects.items()},
+                "config": self.config,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Layout:
+        data = json.loads(text)
+        pieces = [Piece(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()}) for p in data["pieces"]]
+        return cls(pieces, {k: base64.b64decode(v) for k, v in data["objects"].items()}, data["config"])
+
+
+# -- The layout, from megatron-core ------------------------------------------------------------------
 
 
 @contextmanager
@@ -85,60 +110,151 @@ def _walk(tree: Any, path: str = "") -> Iterator[tuple[str, Any]]:
         yield path.rstrip("."), tree
 
 
-def layout_of(model: torch.nn.Module, prefix: str) -> Layout:
-    """The checkpoint layout of a model built at TP=PP=EP=1, whose names are the global ones."""
+def compute_layout(bridge: BridgeBase) -> Layout:
+    """Megatron-core's checkpoint layout of the bridge's model, as data."""
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
     from megatron.core.dist_checkpointing.utils import extract_nonpersistent, extract_sharded_base
 
-    _, state = extract_nonpersistent(model.sharded_state_dict())
-    sharded, common = extract_sharded_base(state)
-    pieces: list[Piece] = []
-    objects: dict[str, Any] = {}
-    for path, value in _walk(sharded):
-        if isinstance(value, ShardedObject):
-            objects[value.unique_key] = value
-        elif isinstance(value, ShardedTensorFactory):
-            for _, built in _walk(value.build()):
-                pieces.append(Piece(built.key, tuple(built.global_offset), prefix + path, built, value))
-        elif isinstance(value, ShardedTensor):
-            pieces.append(Piece(value.key, tuple(value.global_offset), prefix + path, value, None))
-        else:
-            raise ConversionError(f"{path}: unexpected {type(value).__name__} in the sharded state dict")
-    common_state = ShardedObject(key="common_state", data=common, global_shape=(1,), global_offset=(0,), replica_id=0)
-    objects[common_state.unique_key] = common_state
-    return Layout(pieces, objects)
+    with meta_model(bridge) as model:
+        prefix = bridge._prefix(model)
+        _, state = extract_nonpersistent(model.sharded_state_dict())
+        sharded, common = extract_sharded_base(state)
+        pieces: list[Piece] = []
+        objects: dict[str, bytes] = {}
+        for path, value in _walk(sharded):
+            if isinstance(value, ShardedObject):
+                objects[value.unique_key] = _serialise(value.data)
+            elif isinstance(value, ShardedTensorFactory):
+                pieces += _factory_pieces(prefix + path, value)
+            elif isinstance(value, ShardedTensor):
+                pieces.append(_piece(value, prefix + path, tuple(value.data.shape), None))
+            else:
+                raise ConversionError(f"{path}: unexpected {type(value).__name__} in the sharded state dict")
+        objects[ShardedObject("common_state", common, (1,), (0,)).unique_key] = _serialise(common)
+    config = json.dumps(asdict(CheckpointingConfig("torch_dist", 1)))  # as save_config writes it
+    return Layout(pieces, objects, config)
+
+
+def _piece(sharded: Any, param: str, param_shape: tuple[int, ...], rows: tuple[int, int] | None) -> Piece:
+    chunk = (1,) * sharded.prepend_axis_num + tuple(sharded.local_shape)
+    return Piece(sharded.key, param, param_shape, tuple(sharded.global_shape), tuple(sharded.global_offset), chunk, rows)
+
+
+def _factory_pieces(param: str, factory: Any) -> list[Piece]:
+    """Which rows of the parameter each piece a factory builds holds, found by building it from a
+    probe whose dim-0 index is its storage offset (slicing keeps that; anything else is refused)."""
+    shape = tuple(factory.data.shape)
+    probe = torch.arange(shape[0]).as_strided(shape, (1,) + (0,) * (len(shape) - 1))
+    built = factory.build_fn(factory.key, probe, factory.replica_id, factory.flattened_range)
+    pieces = []
+    for _, sharded in _walk(built):
+        data = sharded.data
+        if data.untyped_storage().data_ptr() != probe.untyped_storage().data_ptr() or data.stride()[0] != 1 or tuple(data.shape[1:]) != shape[1:]:
+            raise ConversionError(f"{param}: megatron-core stores it in a way other than row slices; not supported")
+        start = data.storage_offset()
+        pieces.append(_piece(sharded, param, shape, (start, start + data.shape[0])))
+    return pieces
+
+
+def _serialise(data: Any) -> bytes:
+    """As megatron-core stores a ShardedObject: `torch.save([data])`, meta tensors made real."""
+    buffer = io.BytesIO()
+    torch.save([_real(data)], buffer)
+    return buffer.getvalue()
+
+
+def _real(data: Any) -> Any:
+    if isinstance(data, torch.Tensor) and data.is_meta:
+        return torch.empty(data.shape, dtype=data.dtype)
+    if isinstance(data, Mapping):
+        return {k: _real(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_real(v) for v in data]
+    return data
+
+
+def _cache_folder() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "qwen35-bridge-codegen" / "torch_dist"
+
+
+def layout(bridge: BridgeBase) -> Layout:
+    """The bridge's layout, from the cache when this bridge and megatron-core release made it."""
+    version = metadata.version("megatron-core")
+    path = _cache_folder() / f"{bridge.spec_sha256}-megatron-core-{version}-v{LAYOUT_VERSION}.json"
+    if path.is_file():
+        return Layout.from_json(path.read_text())
+    computed = compute_layout(bridge)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(f".{os.getpid()}.tmp")
+    staging.write_text(computed.to_json())
+    os.replace(staging, path)
+    return computed
+
+
+# -- Distributed Checkpoint plumbing -----------------------------------------------------------------
+
+
+class _Chunks(torch.Tensor):
+    """All chunks of one checkpoint key, for PyTorch Distributed Checkpoint's checkpointable
+    protocol (as megatron-core's CheckpointableShardedTensor): `data(piece)` gives a chunk's
+    tensor when DCP writes it, or the buffer to read it into."""
+
+    @staticmethod
+    def __new__(cls, pieces: list[Piece], data: Callable[[Piece], torch.Tensor], dtype: torch.dtype) -> _Chunks:
+        return torch.Tensor._make_wrapper_subclass(cls, torch.Size(pieces[0].global_shape), dtype=dtype)
+
+    def __init__(self, pieces: list[Piece], data: Callable[[Piece], torch.Tensor], dtype: torch.dtype) -> None:
+        self._pieces = {torch.Size(p.offset): p for p in pieces}
+        self._data = data
+        self._dtype = dtype
+
+    def __create_write_items__(self, fqn: str, obj: Any) -> list[Any]:
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+        properties = TensorProperties(dtype=self._dtype)
+        return [
+            WriteItem(
+                index=MetadataIndex(fqn, offset),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(ChunkStorageMetadata(offset, torch.Size(p.chunk_shape)), properties, self.shape),
+            )
+            for offset, p in self._pieces.items()
+        ]
+
+    def __create_chunk_list__(self) -> list[Any]:
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+        return [ChunkStorageMetadata(offset, torch.Size(p.chunk_shape)) for offset, p in self._pieces.items()]
+
+    def __get_tensor_shard__(self, index: Any) -> torch.Tensor:
+        return self._data(self._pieces[torch.Size(index.offset)])
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        raise NotImplementedError(f"{cls.__name__} holds no data; it only describes checkpoint chunks")
+
+
+def _by_key(pieces: list[Piece]) -> dict[str, list[Piece]]:
+    keys: dict[str, list[Piece]] = {}
+    for piece in pieces:
+        keys.setdefault(piece.key, []).append(piece)
+    return keys
 
 
 def _chunk_of(piece: Piece, full: torch.Tensor) -> torch.Tensor:
-    """The piece's data, given its parameter's full tensor."""
-    if piece.factory is None:
-        data = full
-    else:
-        built = piece.factory.build_fn(piece.factory.key, full, piece.factory.replica_id, piece.factory.flattened_range)
-        matches = [t for _, t in _walk(built) if t.key == piece.key and tuple(t.global_offset) == piece.offset]
-        data = matches[0].data
-    return data.reshape(_chunk_shape(piece.sharded)).contiguous()
-
-
-def _chunk_shape(sharded: Any) -> tuple[int, ...]:
-    """What the chunk is on disk: experts stored stacked carry a leading axis of one."""
-    return (1,) * sharded.prepend_axis_num + tuple(sharded.local_shape)
-
-
-def _stored(sharded: Any) -> Any:
-    """The ShardedTensor as it is stored: the prepended axes made explicit."""
-    if not sharded.prepend_axis_num:
-        return sharded
-    shape = _chunk_shape(sharded)
-    return dataclasses.replace(sharded, data=sharded.data.reshape(shape), local_shape=shape, prepend_axis_num=0)
+    data = full if piece.rows is None else full[piece.rows[0] : piece.rows[1]]
+    return data.reshape(piece.chunk_shape).contiguous()
 
 
 class _GroupCache:
     """Converted groups, least recently used dropped first."""
 
-    def __init__(self, convert: Callable[[Group], dict[str, torch.Tensor]], groups: tuple[Group, ...], side: str) -> None:
+    def __init__(self, convert: Callable[[Group], dict[str, torch.Tensor]], groups: tuple[Group, ...]) -> None:
         self._convert = convert
-        self._group_of = {name: g for g in groups for name in getattr(g, side)}
+        self._group_of = {name: g for g in groups for name in g.megatron}
         self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -152,143 +268,103 @@ class _GroupCache:
         return self._cache[key][name]
 
 
-def write(
-    bridge: BridgeBase,
-    model: torch.nn.Module,
-    destination: Path,
-    convert: Callable[[Group], dict[str, torch.Tensor]],
-    *,
-    on_chunk: Callable[[int], None] | None = None,
-) -> int:
-    """Write `destination` as a torch_dist checkpoint; `convert(group)` gives a group's Megatron
-    tensors. Returns the number of bytes of tensor data written."""
-    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-    from megatron.core.dist_checkpointing.strategies.checkpointable import CheckpointableShardedTensor, LocalShardsContainer
-    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
-    from torch.distributed.checkpoint import FileSystemWriter, save
-
-    prefix = bridge._prefix(model)
-    layout = layout_of(model, prefix)
+def _expected(bridge: BridgeBase, found: set[str]) -> None:
+    """The layout's tensors are exactly the bridge's (its language model's, for a text model)."""
+    prefix = "" if any(name.startswith("vision_model.") for name in found) else bridge.megatron_prefix
     expected = {name for name in bridge.megatron_shapes if name.startswith(prefix)}
-    _check_coverage(layout.params(), expected)
-    cache = _GroupCache(convert, bridge.groups, "megatron")
-    written = [0]
-
-    class LazyChunk(CheckpointableShardedTensor):
-        """Produces its data when DCP writes it."""
-
-        def __get_tensor_shard__(self, index: Any) -> torch.Tensor:
-            piece = self._piece
-            data = _chunk_of(piece, cache.tensor(piece.param))
-            written[0] += data.numel() * data.element_size()
-            if on_chunk:
-                on_chunk(data.numel() * data.element_size())
-            return data
-
-    by_key: dict[str, list[Any]] = {}
-    for piece in layout.pieces:
-        stored = _stored(piece.sharded)
-        chunk = LazyChunk(stored.data, stored)
-        chunk._piece = piece
-        by_key.setdefault(piece.key, []).append(chunk)
-    state: dict[str, Any] = {k: v[0] if len(v) == 1 else LocalShardsContainer(v) for k, v in by_key.items()}
-    for key, obj in layout.objects.items():
-        buffer = io.BytesIO()
-        torch.save([obj.data], buffer)  # as megatron-core serialises ShardedObjects
-        state[key] = buffer
-    writer = FileSystemWriter(destination, single_file_per_rank=True, sync_files=False, thread_count=1)
-    save(state, storage_writer=writer, planner=MCoreSavePlanner(flatten_state_dict=False), no_dist=True)
-    save_config(CheckpointingConfig(BACKEND, BACKEND_VERSION), str(destination))
-    return written[0]
-
-
-class Reader:
-    """Full Megatron tensors (bridge names) read back from a torch_dist checkpoint."""
-
-    def __init__(self, bridge: BridgeBase, model: torch.nn.Module, directory: Path) -> None:
-        from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import CachedMetadataFileSystemReader
-
-        self.directory = Path(directory)
-        self._storage = CachedMetadataFileSystemReader(str(directory))
-        try:
-            metadata = self._storage.read_metadata()
-        except Exception as e:  # noqa: BLE001 - a missing, truncated or corrupt .metadata
-            raise ConversionError(f"{directory}: not a readable torch_dist checkpoint ({e})") from None
-        stored = {k: v for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
-        prefix = bridge._prefix(model)
-        self.layout = layout_of(model, prefix)
-        self._pieces: dict[str, list[Piece]] = {}
-        for piece in self.layout.pieces:
-            self._pieces.setdefault(piece.param, []).append(piece)
-            if piece.key not in stored:
-                raise ConversionError(f"{piece.key}: missing from the torch_dist checkpoint at {directory}")
-            if tuple(stored[piece.key].size) != tuple(piece.sharded.global_shape):
-                raise ConversionError(f"{piece.key}: shape {list(stored[piece.key].size)} in {directory}, but the model has {list(piece.sharded.global_shape)}")
-        unexpected = sorted(set(stored) - {p.key for p in self.layout.pieces})
-        if unexpected:
-            raise ConversionError(f"{unexpected[0]}: unexpected tensor in the torch_dist checkpoint at {directory}")
-        self._dtypes = {k: v.properties.dtype for k, v in stored.items()}
-        self._shapes = {name: _param_shape(pieces[0]) for name, pieces in self._pieces.items()}
-        expected = {name for name in bridge.megatron_shapes if name.startswith(prefix)}
-        _check_coverage(set(self._pieces), expected)
-
-    def names(self) -> set[str]:
-        return set(self._pieces)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._shapes[name])
-
-    def file(self, name: str) -> str:
-        return "torch_dist"
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self._dtypes[self._pieces[name][0].key]
-
-    def get(self, name: str) -> torch.Tensor:
-        """The parameter's full tensor: its chunks loaded, then merged by its factory."""
-        from megatron.core.dist_checkpointing.strategies.checkpointable import CheckpointableShardedTensor, LocalShardsContainer
-        from torch.distributed.checkpoint import DefaultLoadPlanner, load
-
-        pieces = self._pieces[name]
-        targets: dict[str, list[Any]] = {}
-        buffers = []
-        for piece in pieces:
-            stored = _stored(piece.sharded)
-            buffer = torch.empty(stored.local_shape, dtype=self._dtypes[piece.key])
-            targets.setdefault(piece.key, []).append(CheckpointableShardedTensor.from_sh_ten(dataclasses.replace(stored, data=buffer)))
-            buffers.append(buffer)
-        state = {k: v[0] if len(v) == 1 else LocalShardsContainer(v) for k, v in targets.items()}
-        load(state, storage_reader=self._storage, planner=DefaultLoadPlanner(flatten_state_dict=False), no_dist=True)
-        factory = pieces[0].factory
-        if factory is None:
-            return buffers[0].reshape(pieces[0].sharded.local_shape)
-        return factory.merge_fn(_fill(factory, pieces, buffers))
-
-
-def _param_shape(piece: Piece) -> tuple[int, ...]:
-    """The shape of the Megatron tensor a piece belongs to (as this TP=1 model holds it)."""
-    source = piece.factory.data if piece.factory is not None else piece.sharded.data
-    return tuple(source.shape)
-
-
-def _fill(factory: Any, pieces: list[Piece], buffers: list[torch.Tensor]) -> Any:
-    """The factory's sub-state-dict (its structure, as built) holding the loaded chunks."""
-    loaded = {(p.key, p.offset): b.reshape(p.sharded.local_shape) for p, b in zip(pieces, buffers)}
-    template = factory.build_fn(factory.key, torch.empty(factory.data.shape, dtype=buffers[0].dtype, device="meta"), factory.replica_id, factory.flattened_range)
-
-    def replace(node: Any) -> Any:
-        if isinstance(node, Mapping):
-            return {k: replace(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [replace(v) for v in node]
-        return loaded[(node.key, tuple(node.global_offset))]
-
-    return replace(template)
-
-
-def _check_coverage(found: set[str], expected: set[str]) -> None:
     missing, extra = sorted(expected - found), sorted(found - expected)
     if missing:
         raise ConversionError(f"{missing[0]}: mapped by the bridge but not part of the torch_dist layout")
     if extra:
         raise ConversionError(f"{extra[0]}: part of the torch_dist layout but not mapped by the bridge")
+
+
+def write(
+    bridge: BridgeBase,
+    destination: Path,
+    convert: Callable[[Group], dict[str, torch.Tensor]],
+    dtype_of: Callable[[str], torch.dtype],
+    *,
+    on_chunk: Callable[[int], None] | None = None,
+) -> int:
+    """Write `destination` as a torch_dist checkpoint; `convert(group)` gives a group's Megatron
+    tensors, `dtype_of(name)` their dtype. Returns the bytes of tensor data written."""
+    from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter, save
+
+    plan = layout(bridge)
+    _expected(bridge, plan.params())
+    cache = _GroupCache(convert, bridge.groups)
+    written = [0]
+
+    def data(piece: Piece) -> torch.Tensor:
+        chunk = _chunk_of(piece, cache.tensor(piece.param))
+        written[0] += chunk.numel() * chunk.element_size()
+        if on_chunk:
+            on_chunk(chunk.numel() * chunk.element_size())
+        return chunk
+
+    class Planner(DefaultSavePlanner):
+        def transform_object(self, write_item: Any, object: Any) -> Any:  # noqa: A002 - DCP's name
+            return object  # already serialised, as megatron-core's planner expects
+
+    state: dict[str, Any] = {key: _Chunks(pieces, data, dtype_of(pieces[0].param)) for key, pieces in _by_key(plan.pieces).items()}
+    state.update({key: io.BytesIO(payload) for key, payload in plan.objects.items()})
+    writer = FileSystemWriter(destination, single_file_per_rank=True, sync_files=False, thread_count=1)
+    save(state, storage_writer=writer, planner=Planner(flatten_state_dict=False), no_dist=True)
+    (Path(destination) / "metadata.json").write_text(plan.config)
+    return written[0]
+
+
+class Reader:
+    """Full Megatron tensors (bridge names) read back from a torch_dist checkpoint, one at a time."""
+
+    def __init__(self, bridge: BridgeBase, directory: Path) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.directory = Path(directory)
+        self._storage = FileSystemReader(str(directory))
+        try:
+            stored = {k: v for k, v in self._storage.read_metadata().state_dict_metadata.items() if hasattr(v, "size")}
+        except Exception as e:  # noqa: BLE001 - a missing, truncated or corrupt .metadata
+            raise ConversionError(f"{directory}: not a readable torch_dist checkpoint ({e})") from None
+        plan = layout(bridge)
+        self._pieces: dict[str, list[Piece]] = {}
+        for piece in plan.pieces:
+            self._pieces.setdefault(piece.param, []).append(piece)
+            if piece.key not in stored:
+                raise ConversionError(f"{piece.key}: missing from the torch_dist checkpoint at {directory}")
+            if tuple(stored[piece.key].size) != piece.global_shape:
+                raise ConversionError(f"{piece.key}: shape {list(stored[piece.key].size)} in {directory}, but the model has {list(piece.global_shape)}")
+        unexpected = sorted(set(stored) - {p.key for p in plan.pieces})
+        if unexpected:
+            raise ConversionError(f"{unexpected[0]}: unexpected tensor in the torch_dist checkpoint at {directory}")
+        _expected(bridge, set(self._pieces))
+        self._dtypes = {k: v.properties.dtype for k, v in stored.items()}
+
+    def names(self) -> set[str]:
+        return set(self._pieces)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._pieces[name][0].param_shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtypes[self._pieces[name][0].key]
+
+    def file(self, name: str) -> str:
+        return "torch_dist"
+
+    def get(self, name: str) -> torch.Tensor:
+        """The parameter's full tensor, its chunks read and put back in their rows."""
+        from torch.distributed.checkpoint import DefaultLoadPlanner, load
+
+        pieces = self._pieces[name]
+        dtype = self.dtype(name)
+        buffers = {p: torch.empty(p.chunk_shape, dtype=dtype) for p in pieces}
+        state = {key: _Chunks(group, buffers.__getitem__, dtype) for key, group in _by_key(pieces).items()}
+        load(state, storage_reader=self._storage, planner=DefaultLoadPlanner(flatten_state_dict=False), no_dist=True)
+        if len(pieces) == 1 and pieces[0].rows is None:
+            return buffers[pieces[0]].reshape(pieces[0].param_shape)
+        full = torch.empty(pieces[0].param_shape, dtype=dtype)
+        for piece, buffer in buffers.items():
+            full[piece.rows[0] : piece.rows[1]] = buffer.reshape((piece.rows[1] - piece.rows[0], *piece.param_shape[1:]))
+        return full
