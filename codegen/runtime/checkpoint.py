@@ -9,17 +9,18 @@ errors naming the file and the tensor.
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from codegen.errors import ConversionError
 
@@ -48,15 +49,57 @@ class TensorInfo:
     file: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int  # of the tensor's first byte in the file
+    nbytes: int
+
+
+MAX_HEADER_BYTES = 100 * 1000**2
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Every tensor of a safetensors file, from its header, checked as the safetensors library
+    checks it: known dtypes, sizes that match shapes, and data that covers the file exactly."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if length < 0 or length > min(size - 8, MAX_HEADER_BYTES):
+            raise ConversionError(f"{path}: unreadable safetensors file, truncated or corrupt (bad header length)")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        tensors = {}
+        for name, entry in entries.items():
+            dtype = _DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+            if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+                raise ValueError(f"{name}: {end - begin} bytes for shape {list(shape)} {entry['dtype']}")
+            tensors[name] = TensorInfo(path.name, dtype, shape, 8 + length + begin, end - begin)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ConversionError(f"{path}: unreadable safetensors file, truncated or corrupt ({e!r})") from None
+    covered = 8 + length
+    for info in sorted(tensors.values(), key=lambda t: t.offset):
+        if info.offset != covered:
+            raise ConversionError(f"{path}: unreadable safetensors file, truncated or corrupt (tensor data is not contiguous)")
+        covered += info.nbytes
+    if covered != size:
+        raise ConversionError(f"{path}: unreadable safetensors file, truncated or corrupt ({size} bytes, header describes {covered})")
+    return tensors
 
 
 class CheckpointReader:
-    """The tensors of a safetensors checkpoint folder, memory-mapped, read one at a time."""
+    """The tensors of a safetensors checkpoint folder, read one at a time.
+
+    Tensors are read with pread into fresh buffers rather than memory-mapped: mapped pages stay
+    resident (and counted) for as long as the file is open, so a conversion's memory would grow
+    with the checkpoint; buffers are freed once their group is written.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
-        self._stack = ExitStack()
-        self._handles: dict[str, Any] = {}
+        self._fds: dict[str, int] = {}
         self.metadata: dict[str, Any] = {}
         self.tensors: dict[str, TensorInfo] = {}
         try:
@@ -85,19 +128,14 @@ class CheckpointReader:
                 raise ConversionError(f"{self.directory / file}: shard named by the index (for {example}) does not exist")
         for file in files:
             path = self.directory / file
-            try:
-                handle = self._stack.enter_context(safe_open(path, framework="pt"))
-            except (SafetensorError, OSError) as e:
-                raise ConversionError(f"{path}: unreadable safetensors file, truncated or corrupt ({e})") from None
-            self._handles[file] = handle
-            for name in handle.keys():
+            for name, info in read_header(path).items():
                 if name in self.tensors:
                     raise ConversionError(f"{name}: duplicate tensor, in {self.tensors[name].file} and {file}")
                 if weight_map is not None and weight_map.get(name) != file:
                     listed = f"the index puts it in {weight_map[name]}" if name in weight_map else "the index does not list it"
                     raise ConversionError(f"{path}: holds tensor {name}, but {listed}")
-                piece = handle.get_slice(name)
-                self.tensors[name] = TensorInfo(file, _DTYPES[piece.get_dtype()], tuple(piece.get_shape()))
+                self.tensors[name] = info
+            self._fds[file] = os.open(path, os.O_RDONLY)
         if weight_map is not None:
             for name, file in weight_map.items():
                 if name not in self.tensors:
@@ -119,13 +157,22 @@ class CheckpointReader:
         info = self.tensors.get(name)
         if info is None:
             raise ConversionError(f"{name}: not in the checkpoint at {self.directory}")
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        view, done = memoryview(buffer.numpy()), 0
         try:
-            return self._handles[info.file].get_tensor(name)
-        except SafetensorError as e:
+            while done < info.nbytes:
+                count = os.preadv(self._fds[info.file], [view[done:]], info.offset + done)
+                if count == 0:
+                    raise OSError("unexpected end of file")
+                done += count
+        except OSError as e:
             raise ConversionError(f"{self.directory / info.file}: cannot read tensor {name} ({e})") from None
+        return buffer.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:
-        self._stack.close()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def __enter__(self) -> CheckpointReader:
         return self
