@@ -34,6 +34,7 @@ from codegen.runtime.mappings import Group
 
 LAYOUT_VERSION = 1
 GROUP_CACHE = 3  # converted groups kept: DCP writes chunks largest first, not group by group
+KEY_CACHE = 2  # checkpoint keys kept when reading
 
 
 @dataclass(frozen=True)
@@ -340,6 +341,8 @@ class Reader:
             raise ConversionError(f"{unexpected[0]}: unexpected tensor in the torch_dist checkpoint at {directory}")
         _expected(bridge, set(self._pieces))
         self._dtypes = {k: v.properties.dtype for k, v in stored.items()}
+        self._global = {k: tuple(v.size) for k, v in stored.items()}
+        self._keys: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def names(self) -> set[str]:
         return set(self._pieces)
@@ -354,17 +357,28 @@ class Reader:
         return "torch_dist"
 
     def get(self, name: str) -> torch.Tensor:
-        """The parameter's full tensor, its chunks read and put back in their rows."""
+        """The parameter's full tensor, its chunks taken from their keys and put back in their rows."""
+        pieces = self._pieces[name]
+        self._load([p.key for p in pieces])
+        chunks = {p: self._keys[p.key][tuple(slice(o, o + n) for o, n in zip(p.offset, p.chunk_shape))] for p in pieces}
+        if len(pieces) == 1 and pieces[0].rows is None:
+            return chunks[pieces[0]].reshape(pieces[0].param_shape)
+        full = torch.empty(pieces[0].param_shape, dtype=self.dtype(name))
+        for piece, chunk in chunks.items():
+            full[piece.rows[0] : piece.rows[1]] = chunk.reshape((piece.rows[1] - piece.rows[0], *piece.param_shape[1:]))
+        return full
+
+    def _load(self, keys: list[str]) -> None:
+        """Read whole checkpoint keys (one DCP read for all missing ones); keep the last few, since
+        the parameters of one key (stacked experts) are asked for one after another."""
         from torch.distributed.checkpoint import DefaultLoadPlanner, load
 
-        pieces = self._pieces[name]
-        dtype = self.dtype(name)
-        buffers = {p: torch.empty(p.chunk_shape, dtype=dtype) for p in pieces}
-        state = {key: _Chunks(group, buffers.__getitem__, dtype) for key, group in _by_key(pieces).items()}
-        load(state, storage_reader=self._storage, planner=DefaultLoadPlanner(flatten_state_dict=False), no_dist=True)
-        if len(pieces) == 1 and pieces[0].rows is None:
-            return buffers[pieces[0]].reshape(pieces[0].param_shape)
-        full = torch.empty(pieces[0].param_shape, dtype=dtype)
-        for piece, buffer in buffers.items():
-            full[piece.rows[0] : piece.rows[1]] = buffer.reshape((piece.rows[1] - piece.rows[0], *piece.param_shape[1:]))
-        return full
+        missing = [k for k in dict.fromkeys(keys) if k not in self._keys]
+        if missing:
+            state = {k: torch.empty(self._global[k], dtype=self._dtypes[k]) for k in missing}
+            load(state, storage_reader=self._storage, planner=DefaultLoadPlanner(flatten_state_dict=False), no_dist=True)
+            self._keys.update(state)
+        for key in keys:
+            self._keys.move_to_end(key)
+        while len(self._keys) > max(KEY_CACHE, len(set(keys))):
+            self._keys.popitem(last=False)
