@@ -15,6 +15,7 @@ The files are what `megatron.core.dist_checkpointing.save` writes, and load with
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import os
@@ -316,14 +317,45 @@ def write(
     return written[0]
 
 
+def _region(piece: Piece) -> tuple[slice, ...]:
+    return tuple(slice(o, o + n) for o, n in zip(piece.offset, piece.chunk_shape))
+
+
+def _tiling_region(pieces: list[Piece]) -> tuple[slice, ...] | None:
+    """The region of their key that `pieces` tile, one after another along one axis and in the
+    order of the rows they hold, if they do (then the parameter is a view of its key)."""
+    ordered = sorted(pieces, key=lambda p: p.rows[0] if p.rows else 0)
+    if len({p.key for p in ordered}) != 1:
+        return None
+    first, last = ordered[0], ordered[-1]
+    axes = [d for d in range(len(first.offset)) if first.offset[d] != last.offset[d]]
+    if len(ordered) > 1 and len(axes) != 1:
+        return None
+    for before, after in zip(ordered, ordered[1:]):
+        d = axes[0]
+        if after.offset[d] != before.offset[d] + before.chunk_shape[d] or any(
+            after.offset[k] != before.offset[k] or after.chunk_shape[k] != before.chunk_shape[k] for k in range(len(before.offset)) if k != d
+        ):
+            return None
+    end = [o + n for o, n in zip(last.offset, last.chunk_shape)]
+    return tuple(slice(o, e) for o, e in zip(first.offset, end))
+
+
 class Reader:
     """Full Megatron tensors (bridge names) read back from a torch_dist checkpoint, one at a time."""
 
     def __init__(self, bridge: BridgeBase, directory: Path) -> None:
         from torch.distributed.checkpoint import FileSystemReader
 
+        class OnceReadMetadata(FileSystemReader):
+            """Reads .metadata once, not at every load (DCP re-reads it each time)."""
+
+            @functools.cache
+            def read_metadata(self) -> Any:
+                return super().read_metadata()
+
         self.directory = Path(directory)
-        self._storage = FileSystemReader(str(directory))
+        self._storage = OnceReadMetadata(str(directory))
         try:
             stored = {k: v for k, v in self._storage.read_metadata().state_dict_metadata.items() if hasattr(v, "size")}
         except Exception as e:  # noqa: BLE001 - a missing, truncated or corrupt .metadata
@@ -360,9 +392,10 @@ class Reader:
         """The parameter's full tensor, its chunks taken from their keys and put back in their rows."""
         pieces = self._pieces[name]
         self._load([p.key for p in pieces])
-        chunks = {p: self._keys[p.key][tuple(slice(o, o + n) for o, n in zip(p.offset, p.chunk_shape))] for p in pieces}
-        if len(pieces) == 1 and pieces[0].rows is None:
-            return chunks[pieces[0]].reshape(pieces[0].param_shape)
+        tiled = _tiling_region(pieces)
+        if tiled is not None:  # one region of one key, in row order: a view, no copy
+            return self._keys[pieces[0].key][tiled].reshape(pieces[0].param_shape)
+        chunks = {p: self._keys[p.key][_region(p)] for p in pieces}
         full = torch.empty(pieces[0].param_shape, dtype=self.dtype(name))
         for piece, chunk in chunks.items():
             full[piece.rows[0] : piece.rows[1]] = chunk.reshape((piece.rows[1] - piece.rows[0], *piece.param_shape[1:]))

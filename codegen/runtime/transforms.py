@@ -114,7 +114,17 @@ def unstack_experts(packed: Tensor) -> list[Tensor]:
 
 
 def stack_experts(experts: list[Tensor]) -> Tensor:
-    """Inverse of `unstack_experts`."""
+    """Inverse of `unstack_experts`. Experts that already lie one after another in one buffer
+    (as read from a stacked checkpoint key) are viewed as the stack instead of copied."""
+    first = experts[0]
+    step = first.numel()
+    if first.is_contiguous() and all(
+        e.is_contiguous() and e.shape == first.shape and e.dtype == first.dtype
+        and e.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and e.storage_offset() == first.storage_offset() + i * step
+        for i, e in enumerate(experts)
+    ):
+        return first.as_strided((len(experts), *first.shape), (step, *first.stride()))
     return torch.stack(experts, dim=0)
 
 
