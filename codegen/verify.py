@@ -1,5 +1,6 @@
-"""`codegen verify`: run the HF model and the converted megatron-core model on the same tokens and
-report how far apart their logits (and MTP logits) are."""
+"""`codegen verify`: run the HF model and the converted megatron-core model on the same prompt and
+report how far apart their logits (and MTP logits) are. A vision-language model's prompt holds a
+small synthetic image, so the vision tower and the multimodal rotary positions are checked too."""
 
 from __future__ import annotations
 
@@ -7,10 +8,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from codegen.errors import CodegenError
 
+if TYPE_CHECKING:
+    from codegen.runtime.vl_model import MultimodalInputs
+
 DEFAULT_TOLERANCE = 1e-4
+#: The image in a VL prompt, in merged vision tokens: (temporal patches, rows, columns).
+IMAGE_TOKENS_THW = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -25,7 +32,8 @@ class Verdict:
 
 
 def verify(hf_dir: Path, megatron_dir: Path, *, tokens: int = 80, seed: int = 0, tolerance: float = DEFAULT_TOLERANCE, quiet: bool = False) -> Verdict:
-    """Both models in fp32 on `tokens` random tokens (longer than GDN's chunk of 64 by default)."""
+    """Both models in fp32 on a prompt of `tokens` tokens (longer than GDN's chunk of 64 by
+    default): random text, and for a VL model one synthetic image within it."""
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     import torch
 
@@ -42,23 +50,46 @@ def verify(hf_dir: Path, megatron_dir: Path, *, tokens: int = 80, seed: int = 0,
     if spec.quantization is not None:
         raise CodegenError("verify runs the HF model in fp32: FP8 checkpoints are not supported")
     bridge = bridge_for_spec(spec, record["model_id"], quiet=quiet)
-    ids = torch.randint(0, spec.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
 
-    use_torch_gdn_kernels()
     config = json.loads((Path(hf_dir) / "config.json").read_text())
+    if spec.is_vl:
+        prompt: MultimodalInputs | torch.Tensor = _vl_prompt(config, spec.vision.spatial_merge_size, tokens=tokens, seed=seed)
+    else:
+        prompt = torch.randint(0, spec.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
+    use_torch_gdn_kernels()
     hf = hf_model_class(config).from_pretrained(hf_dir, dtype=torch.float32).eval()
     with CheckpointReader(Path(hf_dir)) as reader:
         mtp = {name: reader.get(name).float() for name in reader.names() if name.startswith("mtp.")}
-    with torch.no_grad():
-        expected = hf(input_ids=ids).logits
-        expected_mtp = [reference_mtp_logits(hf, mtp, ids)] if spec.mtp_layers else []
+    if spec.is_vl:
+        from codegen.runtime.vl_model import vl_forward_logits
+        from codegen.testing.vl import hf_vl_logits, reference_vl_mtp_logits
+
+        expected = hf_vl_logits(hf, prompt)
+        expected_mtp = [reference_vl_mtp_logits(hf, mtp, prompt)] if spec.mtp_layers else []
+        build, forward = bridge.build_vl_model, vl_forward_logits
+    else:
+        with torch.no_grad():
+            expected = hf(input_ids=prompt).logits
+            expected_mtp = [reference_mtp_logits(hf, mtp, prompt)] if spec.mtp_layers else []
+        build, forward = bridge.build_model, forward_logits
 
     parallel = init_parallel()
     try:
-        model = bridge.build_model(**parallel)
+        model = build(**parallel)
         bridge.load_megatron(model, megatron_dir)
-        logits, mtp_logits = forward_logits(model, ids)
+        logits, mtp_logits = forward(model, prompt)
     finally:
         destroy_parallel()
     deltas = tuple((got - want).abs().max().item() for got, want in zip(mtp_logits, expected_mtp))
     return Verdict((logits - expected).abs().max().item(), deltas, tolerance)
+
+
+def _vl_prompt(config: dict[str, Any], merge: int, *, tokens: int, seed: int) -> MultimodalInputs:
+    """`tokens` tokens: random text around one synthetic image of IMAGE_TOKENS_THW vision tokens."""
+    from codegen.testing.vl import synthetic_prompt
+
+    t, rows, cols = IMAGE_TOKENS_THW
+    image_tokens = t * rows * cols + 2  # and its start and end markers
+    if tokens <= image_tokens:
+        raise CodegenError(f"--tokens {tokens}: a VL prompt needs more than {image_tokens} tokens (the image and its markers)")
+    return synthetic_prompt(config, [(t, rows * merge, cols * merge)], text_tokens=tokens - image_tokens, seed=seed)

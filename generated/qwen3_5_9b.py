@@ -13,6 +13,7 @@ hidden size is also the vision tower's out_hidden_size in every real config.
 
 Use: `Bridge().build_model(...)`, `Bridge().load_hf(model, hf_dir)`, `Bridge().export_hf(model)`; see
 codegen.runtime.bridge for the conversion API.
+`Bridge().build_vl_model(...)` builds the whole vision-language model (codegen.runtime.vl_model).
 """
 
 from __future__ import annotations
@@ -105,6 +106,50 @@ GPT_MODEL_ARGS = dict(
     rotary_base=10000000,
     share_embeddings_and_output_weights=False,
 )
+
+
+# Vision tower: megatron-core's TransformerConfig for its layers, and the rest of the tower
+# (codegen.runtime.vision.VisionModel's arguments). The LayerNorm eps 1e-6 and the rotary base
+# 10000 are family constants: transformers' Qwen3.5 vision tower fixes them, config.json has neither.
+def vision_transformer_config(**overrides: Any) -> Any:
+    """The vision layers' TransformerConfig; `overrides` as for `transformer_config` (see
+    codegen.runtime.vl_model.vision_settings)."""
+    from megatron.core.transformer import TransformerConfig
+
+    from codegen.runtime.vision import gelu_tanh
+
+    return TransformerConfig(
+        num_layers=27,
+        hidden_size=1152,
+        num_attention_heads=16,
+        num_query_groups=16,
+        kv_channels=72,
+        ffn_hidden_size=4304,
+        normalization="LayerNorm",
+        layernorm_epsilon=1e-06,
+        gated_linear_unit=False,
+        activation_func=gelu_tanh,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        **overrides,
+    )
+
+
+VISION_MODEL_ARGS = dict(
+    in_channels=3,
+    patch_size=16,
+    temporal_patch_size=2,
+    spatial_merge_size=2,
+    num_position_embeddings=2304,
+    out_hidden_size=4096,
+    rotary_base=10000,
+)
+
+# Interleaved multimodal rotary sections (t, h, w) of the language model's rotary half-dim.
+MROPE_SECTION = (11, 11, 10)
+
 
 # Megatron tensor <- HF tensor(s), top to bottom. `{i}` is the layer, `{e}` the expert; `shape` is
 # the HF tensor's; `tp` says how the Megatron tensor is cut across tensor-parallel ranks.
@@ -443,6 +488,11 @@ class Bridge(BridgeBase):
     gpt_model_args = GPT_MODEL_ARGS
     megatron_prefix = "language_model."
     quantization = None
+    vision_model_args = VISION_MODEL_ARGS
+    mrope_section = MROPE_SECTION
 
     def transformer_config(self, **overrides: Any) -> Any:
         return transformer_config(**overrides)
+
+    def vision_transformer_config(self, **overrides: Any) -> Any:
+        return vision_transformer_config(**overrides)

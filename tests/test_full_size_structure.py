@@ -92,3 +92,27 @@ def test_megatron_model_matches_the_bridge(model_id: str) -> None:
     assert set(params) == set(expected), (sorted(set(params) - set(expected))[:3], sorted(set(expected) - set(params))[:3])
     for name, shape in expected.items():
         assert params[name] == shape, name
+
+
+VL_MODEL_IDS = [m for m in MODEL_IDS if bridge_of(m).vision_model_args is not None]
+
+
+@pytest.mark.parametrize("model_id", VL_MODEL_IDS)
+def test_megatron_vl_model_matches_the_bridge(model_id: str) -> None:
+    """The whole VL model: the vision tower's tensors and the language model's, nothing else."""
+    from codegen.runtime.live import global_parameters
+    from codegen.runtime.parallel import destroy_parallel, init_parallel
+
+    bridge = bridge_of(model_id)
+    parallel = init_parallel()
+    try:
+        with torch.device("meta"):
+            model = bridge.build_vl_model(**parallel)
+        params = {k: tuple(copies[0].shape) for k, copies in global_parameters(model, "").items()}
+    finally:
+        destroy_parallel()
+    expected = bridge.megatron_shapes
+    assert set(params) == set(expected), (sorted(set(params) - set(expected))[:3], sorted(set(expected) - set(params))[:3])
+    assert any(name.startswith("vision_model.decoder.layers.") for name in params)
+    for name, shape in expected.items():
+        assert params[name] == shape, name

@@ -110,3 +110,31 @@ class BridgeBase:
         from codegen.runtime import live
 
         return live.to_hf(self, self.export_megatron(model))
+
+    # -- Vision-language models (set by VL bridges) ------------------------------------------------
+
+    vision_model_args: ClassVar[dict[str, Any] | None] = None
+    mrope_section: ClassVar[tuple[int, ...] | None] = None
+
+    def vision_transformer_config(self, **overrides: Any) -> Any:
+        """megatron-core's TransformerConfig of the vision layers (VL bridges define it)."""
+        raise NotImplementedError(f"{self.model_id} has no vision tower")
+
+    def build_vl_model(self, *, params_dtype: torch.dtype | None = None, **overrides: Any) -> Any:
+        """This rank's megatron-core VL model (`codegen.runtime.vl_model.VLModel`): the vision tower
+        as `vision_model`, and as `language_model` what `build_model` builds, fed with the vision
+        tokens and interleaved mRoPE. Arguments as for `build_model`."""
+        from codegen.runtime.vl_model import assemble, vision_settings
+
+        if self.vision_model_args is None or self.mrope_section is None:
+            raise ValueError(f"{self.model_id} is a text-only model: use build_model")
+        language_model = self.build_model(params_dtype=params_dtype, **overrides)
+        vision_config = self.vision_transformer_config(**vision_settings(language_model.config))
+        return assemble(
+            language_model,
+            vision_config,
+            self.vision_model_args,
+            mrope_section=self.mrope_section,
+            rotary_percent=self.gpt_model_args["rotary_percent"],
+            rotary_base=self.gpt_model_args["rotary_base"],
+        )
