@@ -59,12 +59,26 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     drifts = generator.check()
     if not drifts:
-        print("generated/ matches the generator: every bridge regenerates byte for byte")
+        print("generated/ matches the generator (bridges and manifests, byte for byte); every table matches its manifest")
         return 0
     for drift in drifts:
         print(f"{drift.path}: {drift.problem}\n    fix: {drift.fix}")
     print(f"{len(drifts)} problem(s) in generated/")
     return 1
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from codegen import generator, summary
+
+    print(summary.render(generator.generate(_request(args))), end="")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from codegen import review_diff
+
+    print(review_diff.render(review_diff.load(args.old), review_diff.load(args.new)), end="")
+    return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -153,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tolerance", type=float, default=1e-4)
     verb("check", cmd_check, "regenerate every committed bridge and fail on any difference")
+    p = verb("summary", cmd_summary, "describe a bridge in Markdown for its pull request")
+    _add_source_options(p)
+    p = verb("diff", cmd_diff, "what changes between two bridges: spec, key manifest, then code")
+    p.add_argument("old", help="a reference as for generate (default layouts), or a generated module file (generated/x.py)")
+    p.add_argument("new", help="a reference as for generate (default layouts), or a generated module file (generated/x.py)")
     verb("list", cmd_list, "list the bundled catalog with provenance")
     return parser
 

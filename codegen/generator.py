@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from codegen import index as bridge_index
-from codegen import sources
+from codegen import manifest, sources
 from codegen.errors import CodegenError
 from codegen.render import Origin, module_name, render_bridge, write_atomic
 from codegen.spec import LayoutChoices, ModelSpec, infer_spec
@@ -32,12 +32,13 @@ class Request:
 
 @dataclass(frozen=True)
 class Generated:
-    """A rendered bridge, not yet written."""
+    """A rendered bridge and its key manifest, not yet written."""
 
     source: sources.Source
     spec: ModelSpec
     module: str
     text: str
+    manifest: str
     entry: bridge_index.Entry
 
 
@@ -93,12 +94,13 @@ def generate(request: Request) -> Generated:
         options=options,
         spec_sha256=spec.fingerprint(),
     )
-    return Generated(source=source, spec=spec, module=module, text=text, entry=entry)
+    manifest_text = manifest.of_module(text, module)
+    return Generated(source=source, spec=spec, module=module, text=text, manifest=manifest_text, entry=entry)
 
 
 def write(generated: Generated, out: Path) -> list[Path]:
-    """Write the module into `out`; in the committed folder, also update the index."""
-    files = {out / f"{generated.module}.py": generated.text}
+    """Write the module and its manifest into `out`; in the committed folder, also update the index."""
+    files = {out / f"{generated.module}.py": generated.text, out / manifest.file_name(generated.module): generated.manifest}
     if out.resolve() == GENERATED.resolve():
         entries = bridge_index.read(GENERATED)
         clash = [e for e in entries.values() if e.module == generated.module and e.model_id != generated.entry.model_id]
@@ -121,7 +123,8 @@ class Drift:
 
 
 def check(folder: Path | None = None) -> list[Drift]:
-    """Regenerate every committed bridge from its recorded source and compare, byte for byte."""
+    """Regenerate every committed bridge and its manifest from the recorded source and compare, byte
+    for byte; and hold each committed table, as it is on disk, against its committed manifest."""
     folder = folder or GENERATED
     drifts: list[Drift] = []
     entries = bridge_index.read(folder)
@@ -137,6 +140,7 @@ def check(folder: Path | None = None) -> list[Drift]:
             drifts.append(Drift(f"{entry.module}.py", f"cannot regenerate: {e}", command))
             continue
         expected[f"{entry.module}.py"] = generated.text
+        expected[manifest.file_name(entry.module)] = generated.manifest
     expected.update(bridge_index.render(entries))
     for name, text in sorted(expected.items()):
         path = folder / name
@@ -147,20 +151,37 @@ def check(folder: Path | None = None) -> list[Drift]:
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.name not in expected and not path.name.startswith("."):
             drifts.append(Drift(f"generated/{path.name}", "not produced by any index entry", f"git rm generated/{path.name}"))
+    for entry in entries.values():
+        module, manifest_file = folder / f"{entry.module}.py", folder / manifest.file_name(entry.module)
+        if module.is_file() and manifest_file.is_file():
+            problems = manifest.verify(module.read_text(encoding="utf-8"), manifest_file.read_text(encoding="utf-8"), entry.module)
+            drifts += [Drift(f"generated/{module.name}", problem, command_of(entry.source, entry.options)) for problem in problems]
     return drifts
 
 
 def _fix(name: str, entries: dict[str, bridge_index.Entry]) -> str:
     for entry in entries.values():
-        if f"{entry.module}.py" == name:
+        if name in (f"{entry.module}.py", manifest.file_name(entry.module)):
             return command_of(entry.source, entry.options)
     return "regenerate any bridge (`codegen generate catalog:ID`) to rewrite the index"
 
 
 def request_of(entry: bridge_index.Entry) -> Request:
-    opts = entry.options
+    return _request(entry.source, entry.options)
+
+
+def request_of_command(command: str) -> Request:
+    """Inverse of `command_of`: the request a bridge's `# Regenerate:` banner line records."""
+    words = shlex.split(command)
+    if words[:2] != ["codegen", "generate"] or len(words) % 2 == 0:
+        raise CodegenError(f"not a command that `codegen generate` records: {command!r}")
+    options = {flag.removeprefix("--").replace("-", "_"): value for flag, value in zip(words[3::2], words[4::2])}
+    return _request(words[2], options)
+
+
+def _request(ref: str, opts: dict[str, str]) -> Request:
     return Request(
-        ref=entry.source,
+        ref=ref,
         index=REPO_ROOT / opts["index"] if "index" in opts else None,
         choices=LayoutChoices(experts=opts.get("experts"), mtp_experts=opts.get("mtp_experts"), hf_prefix=opts.get("hf_prefix")),
         name=opts.get("name"),

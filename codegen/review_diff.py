@@ -1,0 +1,153 @@
+"""`codegen diff OLD NEW`: what a regeneration changes, for review. First the spec (source, fields,
+layer kinds, layouts), then the key manifest (families added, removed, re-shaped, re-ranged), then
+the generated code itself. Each side is a model reference (generated in memory) or a bridge module
+file, whose table is read as written and whose spec is inferred again from its recorded source."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from codegen import generator, manifest
+from codegen.errors import CodegenError
+from codegen.families import PLACEHOLDERS
+from codegen.manifest import Manifest
+from codegen.sources import Source
+from codegen.spec.model import ModelSpec
+from codegen.spec_diff import spec_changes
+
+BANNER_FIELDS = {"source": "# Source: ", "config sha256": "# config sha256: ", "index sha256": "# index sha256: "}
+REGENERATE = "# Regenerate: "
+
+
+@dataclass(frozen=True)
+class Side:
+    """One bridge under comparison."""
+
+    label: str
+    text: str
+    manifest: Manifest
+    spec: ModelSpec
+    source: Source
+    spec_sha256: str  # the fingerprint the module records (a file may predate its source's spec)
+
+
+def load(arg: str) -> Side:
+    """A bridge module file (`*.py`) as it is, or the bridge generated in memory for a reference."""
+    path = Path(arg)
+    if path.suffix == ".py" and path.is_file():
+        text = path.read_text(encoding="utf-8")
+        command = _banner(text).get("regenerate")
+        if command is None:
+            raise CodegenError(f"{arg}: no `{REGENERATE.strip()}` line; is it a generated bridge?")
+        source, spec = generator.infer(generator.request_of_command(command))
+        table = manifest.parse(manifest.of_module(text, path.stem), arg)
+        return Side(arg, text, table, spec, source, table["spec_sha256"])
+    generated = generator.generate(generator.Request(ref=arg))
+    table = manifest.parse(generated.manifest, generated.module)
+    return Side(f"generated/{generated.module}.py", generated.text, table, generated.spec, generated.source, generated.spec.fingerprint())
+
+
+def _banner(text: str) -> dict[str, str]:
+    """The record a generated module opens with: its source, config and index hashes, the command."""
+    fields = {}
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        for key, head in [*BANNER_FIELDS.items(), ("regenerate", REGENERATE)]:
+            if line.startswith(head):
+                fields[key] = line.removeprefix(head)
+    return fields
+
+
+def render(old: Side, new: Side) -> str:
+    """The whole review diff as Markdown."""
+    sections = [
+        "## Spec",
+        *_bullets(_spec_lines(old, new)),
+        "",
+        "## Key manifest",
+        *_bullets(_manifest_lines(old.manifest, new.manifest)),
+        "",
+        "## Generated code",
+        *_code_diff(old, new),
+    ]
+    return "\n".join(sections) + "\n"
+
+
+def _bullets(lines: Iterable[str]) -> list[str]:
+    """Top-level lines become bullets; indented ones stay under the bullet before them."""
+    return [line if line.startswith("  ") else f"- {line}" for line in lines]
+
+
+def _spec_lines(old: Side, new: Side) -> Iterator[str]:
+    a, b = _banner(old.text), _banner(new.text)
+    for key in BANNER_FIELDS:
+        if a.get(key) != b.get(key):
+            yield f"{key}: {a.get(key)} -> {b.get(key)}"
+    if old.source.provenance != new.source.provenance:
+        yield f"provenance: {old.source.provenance} -> {new.source.provenance}"
+    if old.manifest["model_id"] != new.manifest["model_id"]:
+        yield f"model id: {old.manifest['model_id']} -> {new.manifest['model_id']}"
+    for side in (old, new):
+        if side.spec.fingerprint() != side.spec_sha256:
+            yield (
+                f"note: {side.label} records spec sha256 {side.spec_sha256[:12]}, but its source now gives "
+                f"{side.spec.fingerprint()[:12]}; the spec lines compare what the sources give today"
+            )
+    changes = spec_changes(old.spec, new.spec)
+    if not changes:
+        yield f"architecture and layouts: identical (spec sha256 {new.spec.fingerprint()[:12]})"
+        return
+    yield from changes.fields
+    yield from changes.layers
+    yield from (f"layout {line}" for line in changes.layouts)
+
+
+def _manifest_lines(old: Manifest, new: Manifest) -> Iterator[str]:
+    changes = manifest.family_changes(old, new)
+    for side, name in manifest.SIDES.items():
+        a, b = old[side], new[side]
+        mine = [c for c in changes if c.side == side]
+        same_keys = a["key_set_sha256"] == b["key_set_sha256"]
+        counts = f"{a['keys']:,} -> {b['keys']:,} tensors, {len(a['families'])} -> {len(b['families'])} families"
+        if not mine and same_keys:
+            yield f"{name}: identical ({b['keys']:,} tensors in {len(b['families'])} families, key set sha256 {b['key_set_sha256'][:12]})"
+            continue
+        yield f"{name}: {counts}; key set sha256 {'unchanged' if same_keys else 'changed'}"
+        yield from _family_lines(mine, old[side]["families"], new[side]["families"])
+    parameters = [(f.removeprefix("parameters."), x, y) for f, x, y in manifest.field_changes(old, new) if f.startswith("parameters.")]
+    if parameters:
+        yield "parameters:"
+        yield from (f"  {component}: {x:,} -> {y:,}" for component, x, y in parameters)
+
+
+def _family_lines(changes: list[manifest.Change], old: dict[str, Any], new: dict[str, Any]) -> Iterator[str]:
+    """Added and removed families in full, index range changes grouped, then each re-shaped family."""
+    of = {what: [c for c in changes if c.what == what] for what in ("added", "removed", "ranges", "count", "shape")}
+    yield from (f"  added {c.pattern} ({_entry(new[c.pattern])})" for c in of["added"])
+    yield from (f"  removed {c.pattern} ({_entry(old[c.pattern])})" for c in of["removed"])
+    ranged: dict[tuple[str, str], list[str]] = {}
+    for change in of["ranges"]:
+        ranged.setdefault((change.old, change.new), []).append(change.pattern)
+    for (x, y), patterns in ranged.items():
+        which = f": {', '.join(patterns)}" if len(patterns) <= 2 else ""
+        yield f"  index ranges {x} -> {y} in {len(patterns)} famil{'ies' if len(patterns) > 1 else 'y'}{which}"
+    yield from (f"  count {c.pattern}: {c.old} -> {c.new}" for c in of["count"])
+    yield from (f"  re-shaped {c.pattern}: {c.old} -> {c.new}" for c in of["shape"])
+
+
+def _entry(entry: dict[str, Any]) -> str:
+    ranges = ", ".join(f"{p} {entry[p]}" for p in PLACEHOLDERS if p in entry)
+    return f"{ranges + ', ' if ranges else ''}{entry['count']} tensors, shape {tuple(entry['shape'])}"
+
+
+def _code_diff(old: Side, new: Side) -> list[str]:
+    a, b = (f"{prefix}/{side.label.lstrip('/')}" for prefix, side in (("a", old), ("b", new)))
+    lines = difflib.unified_diff(old.text.splitlines(keepends=True), new.text.splitlines(keepends=True), a, b)
+    text = "".join(lines)
+    return ["```diff", text.rstrip("\n"), "```"] if text else ["identical"]
+
