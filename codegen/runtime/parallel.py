@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -135,7 +136,9 @@ def _rank_main(
             world_size=world_size,
             timeout=COLLECTIVE_TIMEOUT,
         )
-        results.put((rank, True, fn(*args)))
+        # Plain pickle bytes: torch's queue would pass tensors as shared-memory handles, which die
+        # with this process if it exits before the parent has read them.
+        results.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException:  # noqa: BLE001 - everything must reach the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -226,4 +229,4 @@ def _results_or_raise(
         if missing:
             message += f"\nranks {missing} did not report (died, hung or were stopped)"
         raise RuntimeError(f"run_ranks({world_size}) failed:\n{message}")
-    return [outcomes[rank][1] for rank in range(world_size)]
+    return [pickle.loads(outcomes[rank][1]) for rank in range(world_size)]
