@@ -12,7 +12,7 @@ from types import ModuleType
 
 from codegen import index as bridge_index
 from codegen.generator import GENERATED
-from codegen.render import Origin, module_name, render_bridge, write_atomic
+from codegen.render import Origin, build_digest, module_name, render_bridge, write_atomic
 from codegen.runtime.bridge import BridgeBase
 from codegen.spec import ModelSpec
 
@@ -32,16 +32,16 @@ def find_committed(spec: ModelSpec) -> str | None:
 
 
 def bridge_for(spec: ModelSpec, model_id: str, origin: Origin, *, bridge_dir: Path | None = None) -> tuple[BridgeBase, str]:
-    """A bridge instance for `spec`, and where its module is (for the user to read)."""
+    """A bridge instance for `spec`, and where its module is (for the user to read). A bridge
+    generated earlier by this same build for this spec is reused without rendering it again."""
     committed = find_committed(spec)
     if committed is not None:
         module = importlib.import_module(f"generated.{committed}")
         return module.Bridge(), f"generated/{committed}.py (committed)"
     folder = bridge_dir or cache_root()
-    path = folder / f"{module_name(model_id)}_{spec.fingerprint()[:12]}.py"
-    text = render_bridge(spec, model_id, origin)
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        write_atomic(path, text)
+    path = folder / f"{module_name(model_id)}_{spec.fingerprint()[:12]}_{build_digest()[:8]}.py"
+    if not path.is_file():
+        write_atomic(path, render_bridge(spec, model_id, origin))
     return _load_file(path).Bridge(), f"{path} (generated for this conversion)"
 
 

@@ -68,7 +68,7 @@ def vision(spec: ModelSpec) -> str:
 
 
 def layouts(spec: ModelSpec) -> str:
-    parts = [f"HF prefix {spec.hf_prefix}"]
+    parts = [f"HF prefix '{spec.hf_prefix}'"]
     if spec.experts_layout:
         parts.append(f"decoder experts {spec.experts_layout}")
     if spec.mtp_experts_layout:

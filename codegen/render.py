@@ -6,15 +6,14 @@ no paths of the machine, so the same input gives the same bytes everywhere.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
 import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import black
-import jinja2
+from typing import Any
 
 from codegen import __version__, describe
 from codegen.spec.model import ModelSpec
@@ -22,7 +21,6 @@ from codegen.spec.model import ModelSpec
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 MEGATRON_CORE_SERIES = "0.19"
 LINE_LENGTH = 100
-BLACK_MODE = black.Mode(line_length=LINE_LENGTH, target_versions={black.TargetVersion.PY312})
 
 
 @dataclass(frozen=True)
@@ -87,7 +85,9 @@ def _int_if_whole(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
 
 
-def _environment() -> jinja2.Environment:
+def _environment() -> Any:
+    import jinja2
+
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         undefined=jinja2.StrictUndefined,
@@ -163,7 +163,19 @@ def render_bridge(spec: ModelSpec, model_id: str, origin: Origin) -> str:
 
 
 def format_python(text: str) -> str:
-    return black.format_str(text, mode=BLACK_MODE)
+    import black
+
+    mode = black.Mode(line_length=LINE_LENGTH, target_versions={black.TargetVersion.PY312})
+    return black.format_str(text, mode=mode)
+
+
+def build_digest() -> str:
+    """Identifies what renders bridges (generator version and templates): a cached bridge made by
+    another build is not reused."""
+    digest = hashlib.sha256(__version__.encode())
+    for path in sorted(TEMPLATES.rglob("*.j2")):
+        digest.update(path.relative_to(TEMPLATES).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -7,7 +7,7 @@
 (every layer), 1 MTP layer (gated attention + dense MLP), output layer tied to the embedding, vision
 tower 12 x 768 (MLP 3072, 12 heads).
 
-Layouts: HF prefix model.language_model..
+Layouts: HF prefix 'model.language_model.'.
 Config: catalog, partial: config.json quoted nearly complete but re-flowed in public text; keys it
 lacks are unknown, not defaults.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from codegen.runtime.bridge import BridgeBase
+from codegen.runtime.dims import AttentionDims, GDNDims, VisionDims
 from codegen.runtime.mappings import (
     GDNConv1d,
     GDNInProj,
@@ -31,7 +32,6 @@ from codegen.runtime.mappings import (
     VisionQKV,
 )
 from codegen.runtime.tp import COLUMN, ROW, VOCAB
-from codegen.runtime.dims import AttentionDims, GDNDims, VisionDims
 from codegen.runtime.version import require_megatron_core
 
 require_megatron_core("0.19")

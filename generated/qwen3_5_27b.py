@@ -7,7 +7,7 @@
 (every layer), 1 MTP layer (gated attention + dense MLP), untied output layer, vision tower 27 x
 1152 (MLP 4304, 16 heads).
 
-Layouts: HF prefix model.language_model..
+Layouts: HF prefix 'model.language_model.'.
 Config: catalog, reconstructed: published dimensions (model card and public validators), identical
 to Qwen/Qwen3.6-27B's.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from codegen.runtime.bridge import BridgeBase
+from codegen.runtime.dims import AttentionDims, GDNDims, VisionDims
 from codegen.runtime.mappings import (
     GDNConv1d,
     GDNInProj,
@@ -31,7 +32,6 @@ from codegen.runtime.mappings import (
     VisionQKV,
 )
 from codegen.runtime.tp import COLUMN, ROW, VOCAB
-from codegen.runtime.dims import AttentionDims, GDNDims, VisionDims
 from codegen.runtime.version import require_megatron_core
 
 require_megatron_core("0.19")

@@ -7,7 +7,7 @@
 256 experts, top-8, expert 512, gated shared expert 512, 1 MTP layer (gated attention + MoE MLP),
 untied output layer, vision tower 27 x 1152 (MLP 4304, 16 heads).
 
-Layouts: HF prefix model.language_model., decoder experts packed, MTP experts per_expert.
+Layouts: HF prefix 'model.language_model.', decoder experts packed, MTP experts per_expert.
 Config: catalog, re-serialised: real values re-serialised by transformers 5.7.
 Notes:
 - experts_layout packed: stated by the catalog (published Qwen3.5/3.6 decoders store routed experts
@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from codegen.runtime.bridge import BridgeBase
+from codegen.runtime.dims import AttentionDims, GDNDims, VisionDims
 from codegen.runtime.mappings import (
     GDNConv1d,
     GDNInProj,
@@ -36,7 +37,6 @@ from codegen.runtime.mappings import (
     VisionQKV,
 )
 from codegen.runtime.tp import COLUMN, GLU_ROWS, ROW, VOCAB
-from codegen.runtime.dims import AttentionDims, GDNDims, VisionDims
 from codegen.runtime.version import require_megatron_core
 
 require_megatron_core("0.19")

@@ -7,7 +7,7 @@
 layer): 512 experts, top-10, expert 1024, gated shared expert 1024, 1 MTP layer (gated attention +
 MoE MLP), untied output layer, vision tower 27 x 1152 (MLP 4304, 16 heads).
 
-Layouts: HF prefix model.language_model., decoder experts packed, MTP experts per_expert.
+Layouts: HF prefix 'model.language_model.', decoder experts packed, MTP experts per_expert.
 Config: catalog, reconstructed: published dimensions (model card and public validators); the vision
 tower is assumed to be the 27 x 1152 tower of Qwen/Qwen3.5-35B-A3B, with out_hidden_size the text
 hidden size.
@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from codegen.runtime.bridge import BridgeBase
+from codegen.runtime.dims import AttentionDims, GDNDims, VisionDims
 from codegen.runtime.mappings import (
     GDNConv1d,
     GDNInProj,
@@ -39,7 +40,6 @@ from codegen.runtime.mappings import (
     VisionQKV,
 )
 from codegen.runtime.tp import COLUMN, GLU_ROWS, ROW, VOCAB
-from codegen.runtime.dims import AttentionDims, GDNDims, VisionDims
 from codegen.runtime.version import require_megatron_core
 
 require_megatron_core("0.19")

@@ -7,7 +7,7 @@
 (every layer), 1 MTP layer (gated attention + dense MLP), output layer tied to the embedding, vision
 tower 24 x 1024 (MLP 4096, 16 heads).
 
-Layouts: HF prefix model.language_model..
+Layouts: HF prefix 'model.language_model.'.
 Config: catalog, re-serialised: real values re-serialised by transformers 5.7.
 
 Use: `Bridge().build_model(...)`, `Bridge().load_hf(model, hf_dir)`, `Bridge().export_hf(model)`; see
@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from codegen.runtime.bridge import BridgeBase
+from codegen.runtime.dims import AttentionDims, GDNDims, VisionDims
 from codegen.runtime.mappings import (
     GDNConv1d,
     GDNInProj,
@@ -30,7 +31,6 @@ from codegen.runtime.mappings import (
     VisionQKV,
 )
 from codegen.runtime.tp import COLUMN, ROW, VOCAB
-from codegen.runtime.dims import AttentionDims, GDNDims, VisionDims
 from codegen.runtime.version import require_megatron_core
 
 require_megatron_core("0.19")

@@ -7,7 +7,7 @@
 (every layer): 512 experts, top-10, expert 512, gated shared expert 512, 1 MTP layer (gated
 attention + MoE MLP), untied output layer, text only.
 
-Layouts: HF prefix model., decoder experts per_expert, MTP experts per_expert.
+Layouts: HF prefix 'model.', decoder experts per_expert, MTP experts per_expert.
 Config: catalog, verbatim: the original config.json.
 Notes:
 - mtp_layers = 1: assumed for Qwen3-Next (its published checkpoints carry mtp.*)
@@ -25,9 +25,9 @@ from __future__ import annotations
 from typing import Any
 
 from codegen.runtime.bridge import BridgeBase
+from codegen.runtime.dims import AttentionDims, GDNDims
 from codegen.runtime.mappings import GDNConv1d, GDNInProjGrouped, GDNOutNorm, GLU, GatedQKV, Rename
 from codegen.runtime.tp import COLUMN, ROW, VOCAB
-from codegen.runtime.dims import AttentionDims, GDNDims
 from codegen.runtime.version import require_megatron_core
 
 require_megatron_core("0.19")

@@ -7,7 +7,7 @@
 MoE (every layer): 512 experts, top-10, expert 512, gated shared expert 512, 1 MTP layer (gated
 attention + MoE MLP), untied output layer, text only.
 
-Layouts: HF prefix model., decoder experts per_expert, MTP experts per_expert, FP8 e4m3 weights in
+Layouts: HF prefix 'model.', decoder experts per_expert, MTP experts per_expert, FP8 e4m3 weights in
 128x128 blocks.
 Config: catalog, re-serialised: real values re-serialised by transformers 5.7, with the release's
 FP8 block quantization_config.
@@ -27,9 +27,9 @@ from __future__ import annotations
 from typing import Any
 
 from codegen.runtime.bridge import BridgeBase
+from codegen.runtime.dims import AttentionDims, GDNDims
 from codegen.runtime.mappings import GDNConv1d, GDNInProjGrouped, GDNOutNorm, GLU, GatedQKV, Rename
 from codegen.runtime.tp import COLUMN, ROW, VOCAB
-from codegen.runtime.dims import AttentionDims, GDNDims
 from codegen.runtime.version import require_megatron_core
 
 require_megatron_core("0.19")

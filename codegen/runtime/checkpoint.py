@@ -155,20 +155,36 @@ class CheckpointReader:
         return self.tensors[name].file
 
     def get(self, name: str) -> torch.Tensor:
-        info = self.tensors.get(name)
-        if info is None:
-            raise ConversionError(f"{name}: not in the checkpoint at {self.directory}")
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+        return self.get_many([name])[name]
+
+    def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Several tensors; those lying one after another in one file share one mapping, so that
+        tensors stored together (a layer's experts) can be viewed together without a copy."""
+        for name in names:
+            if name not in self.tensors:
+                raise ConversionError(f"{name}: not in the checkpoint at {self.directory}")
+        out: dict[str, torch.Tensor] = {}
+        for run in _runs([self.tensors[n] for n in names], names):
+            out.update(self._map(run))
+        return out
+
+    def _map(self, run: list[tuple[str, TensorInfo]]) -> dict[str, torch.Tensor]:
+        first, last = run[0][1], run[-1][1]
+        if last.offset + last.nbytes == first.offset:
+            return {name: torch.empty(info.shape, dtype=info.dtype) for name, info in run}
+        start = first.offset - first.offset % mmap.ALLOCATIONGRANULARITY
         try:
-            mapped = mmap.mmap(self._fds[info.file], info.offset + info.nbytes - start, offset=start, access=mmap.ACCESS_COPY)
+            mapped = mmap.mmap(self._fds[first.file], last.offset + last.nbytes - start, offset=start, access=mmap.ACCESS_COPY)
         except (OSError, ValueError) as e:
-            raise ConversionError(f"{self.directory / info.file}: cannot read tensor {name} ({e})") from None
-        data = torch.frombuffer(mapped, dtype=torch.uint8, offset=info.offset - start, count=info.nbytes)
-        if (info.offset - start) % info.dtype.itemsize:
-            data = data.clone()  # a writer that did not align the data: copy rather than misread
-        return data.view(info.dtype).reshape(info.shape)
+            raise ConversionError(f"{self.directory / first.file}: cannot read tensor {run[0][0]} ({e})") from None
+        whole = torch.frombuffer(mapped, dtype=torch.uint8)
+        out = {}
+        for name, info in run:
+            data = whole[info.offset - start : info.offset - start + info.nbytes]
+            if (info.offset - start) % info.dtype.itemsize:
+                data = data.clone()  # a writer that did not align the data: copy rather than misread
+            out[name] = data.view(info.dtype).reshape(info.shape)
+        return out
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -180,6 +196,19 @@ class CheckpointReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _runs(infos: list[TensorInfo], names: list[str]) -> list[list[tuple[str, TensorInfo]]]:
+    """The tensors grouped into runs that follow each other in one file, in the order asked."""
+    runs: list[list[tuple[str, TensorInfo]]] = []
+    for name, info in zip(names, infos):
+        if runs:
+            previous = runs[-1][-1][1]
+            if previous.file == info.file and previous.offset + previous.nbytes == info.offset:
+                runs[-1].append((name, info))
+                continue
+        runs.append([(name, info)])
+    return runs
 
 
 @contextmanager

@@ -78,6 +78,13 @@ def check_source(reader: CheckpointReader, expected: Mapping[str, Shape], what: 
             raise ConversionError(f"{name}: shape {list(found)} in {reader.file(name)}, but the bridge expects {list(shape)}")
 
 
+def read_group(reader: Any, names: list[str]) -> dict[str, torch.Tensor]:
+    """A group's source tensors, in one read where the reader can (see CheckpointReader.get_many)."""
+    if hasattr(reader, "get_many"):
+        return reader.get_many(names)
+    return {name: reader.get(name) for name in names}
+
+
 def group_dtype(reader: CheckpointReader, names: Sequence[str]) -> torch.dtype:
     """The one dtype of tensors converted together (a mix would be silently promoted)."""
     dtypes = {reader.dtype(n) for n in names}
@@ -119,7 +126,7 @@ def convert_directory(
     read = 0
     try:
         for group in groups:
-            tensors = {name: reader.get(name) for name in getattr(group, source_side)}
+            tensors = read_group(reader, list(getattr(group, source_side)))
             out = to_target(group, tensors)
             if stage is not None:
                 out = {k: v for name in getattr(group, target_side) for k, v in stage.apply(name, out[name]).items()}
@@ -127,6 +134,7 @@ def convert_directory(
                 writer.write(name, tensor)
             read += len(tensors)
             progress.advance(len(out), sum(t.numel() * t.element_size() for t in out.values()))
+            del tensors, out  # before the next group is read: one group in memory, not two
         writer.close()
     except BaseException:
         writer.abort()

@@ -34,7 +34,7 @@ from codegen.runtime.bridge import BridgeBase
 from codegen.runtime.mappings import Group
 
 LAYOUT_VERSION = 1
-GROUP_CACHE = 3  # converted groups kept: DCP writes chunks largest first, not group by group
+GROUP_CACHE = 1  # converted groups kept while DCP writes their chunks (it orders chunks by size)
 KEY_CACHE = 2  # checkpoint keys kept when reading
 
 
