@@ -180,10 +180,12 @@ class CheckpointReader:
         whole = torch.frombuffer(mapped, dtype=torch.uint8)
         out = {}
         for name, info in run:
-            data = whole[info.offset - start : info.offset - start + info.nbytes]
-            if (info.offset - start) % info.dtype.itemsize:
-                data = data.clone()  # a writer that did not align the data: copy rather than misread
-            out[name] = data.view(info.dtype).reshape(info.shape)
+            at = info.offset - start
+            if at % info.dtype.itemsize == 0:  # views of one storage: stacked tensors stay views
+                data = whole[at : at + info.nbytes].view(info.dtype)
+            else:  # a writer that did not align the data
+                data = torch.frombuffer(mapped, dtype=info.dtype, offset=at, count=math.prod(info.shape))
+            out[name] = data.reshape(info.shape)
         return out
 
     def close(self) -> None:

@@ -126,15 +126,7 @@ def convert_directory(
     read = 0
     try:
         for group in groups:
-            tensors = read_group(reader, list(getattr(group, source_side)))
-            out = to_target(group, tensors)
-            if stage is not None:
-                out = {k: v for name in getattr(group, target_side) for k, v in stage.apply(name, out[name]).items()}
-            for name, tensor in out.items():
-                writer.write(name, tensor)
-            read += len(tensors)
-            progress.advance(len(out), sum(t.numel() * t.element_size() for t in out.values()))
-            del tensors, out  # before the next group is read: one group in memory, not two
+            read += _convert_group(group, reader, writer, to_target, source_side, target_side, stage, progress)
         writer.close()
     except BaseException:
         writer.abort()
@@ -143,6 +135,19 @@ def convert_directory(
         progress.finish()
     write_index(destination, writer.weight_map, writer.bytes_written, index_metadata)
     return Report(read, len(planned), writer.bytes_written)
+
+
+def _convert_group(group: Group, reader: Any, writer: StreamingWriter, to_target: Callable[[Group, dict[str, torch.Tensor]], dict[str, torch.Tensor]], source_side: str, target_side: str, stage: OutputStage | None, progress: Progress) -> int:
+    """One group read, converted and written; its tensors die when this returns, so memory holds
+    one group at a time. Returns the number of tensors read."""
+    tensors = read_group(reader, list(getattr(group, source_side)))
+    out = to_target(group, tensors)
+    if stage is not None:
+        out = {k: v for name in getattr(group, target_side) for k, v in stage.apply(name, out[name]).items()}
+    for name, tensor in out.items():
+        writer.write(name, tensor)
+    progress.advance(len(out), sum(t.numel() * t.element_size() for t in out.values()))
+    return len(tensors)
 
 
 def hf_to_megatron(

@@ -18,7 +18,11 @@ import base64
 import functools
 import io
 import json
+import math
+import mmap
 import os
+import struct
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -35,7 +39,7 @@ from codegen.runtime.mappings import Group
 
 LAYOUT_VERSION = 1
 GROUP_CACHE = 1  # converted groups kept while DCP writes their chunks (it orders chunks by size)
-KEY_CACHE = 2  # checkpoint keys kept when reading
+KEY_CACHE = 1  # checkpoint keys kept when reading (beyond those the current parameter needs)
 
 
 @dataclass(frozen=True)
@@ -317,6 +321,103 @@ def write(
     return written[0]
 
 
+class _Window(io.RawIOBase):
+    """A read-only, seekable view of bytes [start, start + length) of a file, for zipfile."""
+
+    def __init__(self, fd: int, start: int, length: int) -> None:
+        self._fd, self._start, self._length, self._position = fd, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
+        self._position = base + offset
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        size = max(0, min(len(buffer), self._length - self._position))
+        data = os.pread(self._fd, size, self._start + self._position)
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+
+class _Records:
+    """Chunks read straight from DCP's data files: each chunk is a `torch.save` record (a zip)
+    whose one storage is stored uncompressed, so it can be mapped rather than deserialised and
+    copied. Anything else about a record (transforms, several storages, another byte order,
+    another size) leaves the key to DCP's own reader."""
+
+    def __init__(self, directory: Path, metadata: Any) -> None:
+        self._directory = directory
+        self._metadata = metadata
+        self._fds: dict[str, int] = {}
+
+    def _fd(self, relative: str) -> int:
+        if relative not in self._fds:
+            self._fds[relative] = os.open(self._directory / relative, os.O_RDONLY)
+        return self._fds[relative]
+
+    def tensor(self, key: str) -> torch.Tensor | None:
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        stored = self._metadata.state_dict_metadata[key]
+        dtype = stored.properties.dtype
+        chunks = []
+        for chunk in stored.chunks:
+            info = self._metadata.storage_data.get(MetadataIndex(key, chunk.offsets))
+            data = self._chunk(info, dtype, tuple(chunk.sizes)) if info is not None else None
+            if data is None:
+                return None
+            chunks.append((tuple(chunk.offsets), data))
+        if len(chunks) == 1 and tuple(chunks[0][1].shape) == tuple(stored.size):
+            return chunks[0][1]
+        full = torch.empty(tuple(stored.size), dtype=dtype)
+        for offsets, data in chunks:
+            full[tuple(slice(o, o + n) for o, n in zip(offsets, data.shape))] = data
+        return full
+
+    def _chunk(self, info: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
+        if getattr(info, "transform_descriptors", None):
+            return None
+        fd = self._fd(info.relative_path)
+        try:
+            with zipfile.ZipFile(_Window(fd, info.offset, info.length)) as record:
+                storages = [e for e in record.infolist() if "/data/" in e.filename and not e.filename.endswith("/")]
+                order = [e for e in record.infolist() if e.filename.endswith("/byteorder")]
+                if len(storages) != 1 or storages[0].compress_type != zipfile.ZIP_STORED:
+                    return None
+                if order and record.read(order[0]).strip() != b"little":
+                    return None
+                entry = storages[0]
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if entry.file_size != nbytes:
+            return None
+        local = os.pread(fd, 30, info.offset + entry.header_offset)
+        name_length, extra_length = struct.unpack("<HH", local[26:30])
+        start = info.offset + entry.header_offset + 30 + name_length + extra_length
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(fd, start + nbytes - aligned, offset=aligned, access=mmap.ACCESS_COPY)
+        # DCP puts records anywhere in its files, so the data may not be aligned to its dtype.
+        return torch.frombuffer(mapped, dtype=dtype, offset=start - aligned, count=math.prod(shape)).reshape(shape)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 def _region(piece: Piece) -> tuple[slice, ...]:
     return tuple(slice(o, o + n) for o, n in zip(piece.offset, piece.chunk_shape))
 
@@ -375,6 +476,7 @@ class Reader:
         self._dtypes = {k: v.properties.dtype for k, v in stored.items()}
         self._global = {k: tuple(v.size) for k, v in stored.items()}
         self._keys: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._records = _Records(self.directory, self._storage.read_metadata())
 
     def names(self) -> set[str]:
         return set(self._pieces)
@@ -407,6 +509,11 @@ class Reader:
         from torch.distributed.checkpoint import DefaultLoadPlanner, load
 
         missing = [k for k in dict.fromkeys(keys) if k not in self._keys]
+        for key in missing:
+            direct = self._records.tensor(key)
+            if direct is not None:
+                self._keys[key] = direct
+        missing = [k for k in missing if k not in self._keys]
         if missing:
             state = {k: torch.empty(self._global[k], dtype=self._dtypes[k]) for k in missing}
             load(state, storage_reader=self._storage, planner=DefaultLoadPlanner(flatten_state_dict=False), no_dist=True)
