@@ -15,13 +15,16 @@ The files are what `megatron.core.dist_checkpointing.save` writes, and load with
 from __future__ import annotations
 
 import base64
-import functools
+import importlib
 import io
 import json
 import math
 import mmap
 import os
+import pickle
 import struct
+import threading
+import uuid
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -38,7 +41,7 @@ from codegen.runtime.bridge import BridgeBase
 from codegen.runtime.mappings import Group
 
 LAYOUT_VERSION = 1
-GROUP_CACHE = 1  # converted groups kept while DCP writes their chunks (it orders chunks by size)
+GROUP_CACHE = 1  # converted groups kept while writing (chunks are written key by key, group by group)
 KEY_CACHE = 1  # checkpoint keys kept when reading (beyond those the current parameter needs)
 
 
@@ -199,48 +202,9 @@ def layout(bridge: BridgeBase) -> Layout:
     return computed
 
 
-# -- Distributed Checkpoint plumbing -----------------------------------------------------------------
+# -- Writing ------------------------------------------------------------------------------------------
 
-
-class _Chunks(torch.Tensor):
-    """All chunks of one checkpoint key, for PyTorch Distributed Checkpoint's checkpointable
-    protocol (as megatron-core's CheckpointableShardedTensor): `data(piece)` gives a chunk's
-    tensor when DCP writes it, or the buffer to read it into."""
-
-    @staticmethod
-    def __new__(cls, pieces: list[Piece], data: Callable[[Piece], torch.Tensor], dtype: torch.dtype) -> _Chunks:
-        return torch.Tensor._make_wrapper_subclass(cls, torch.Size(pieces[0].global_shape), dtype=dtype)
-
-    def __init__(self, pieces: list[Piece], data: Callable[[Piece], torch.Tensor], dtype: torch.dtype) -> None:
-        self._pieces = {torch.Size(p.offset): p for p in pieces}
-        self._data = data
-        self._dtype = dtype
-
-    def __create_write_items__(self, fqn: str, obj: Any) -> list[Any]:
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
-
-        properties = TensorProperties(dtype=self._dtype)
-        return [
-            WriteItem(
-                index=MetadataIndex(fqn, offset),
-                type=WriteItemType.SHARD,
-                tensor_data=TensorWriteData(ChunkStorageMetadata(offset, torch.Size(p.chunk_shape)), properties, self.shape),
-            )
-            for offset, p in self._pieces.items()
-        ]
-
-    def __create_chunk_list__(self) -> list[Any]:
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-
-        return [ChunkStorageMetadata(offset, torch.Size(p.chunk_shape)) for offset, p in self._pieces.items()]
-
-    def __get_tensor_shard__(self, index: Any) -> torch.Tensor:
-        return self._data(self._pieces[torch.Size(index.offset)])
-
-    @classmethod
-    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        raise NotImplementedError(f"{cls.__name__} holds no data; it only describes checkpoint chunks")
+DATA_FILE = "__0_0.distcp"  # what PyTorch DCP's FileSystemWriter names a single rank's only file
 
 
 def _by_key(pieces: list[Piece]) -> dict[str, list[Piece]]:
@@ -252,7 +216,7 @@ def _by_key(pieces: list[Piece]) -> dict[str, list[Piece]]:
 
 def _chunk_of(piece: Piece, full: torch.Tensor) -> torch.Tensor:
     data = full if piece.rows is None else full[piece.rows[0] : piece.rows[1]]
-    return data.reshape(piece.chunk_shape).contiguous()
+    return data.reshape(piece.chunk_shape)
 
 
 class _GroupCache:
@@ -285,6 +249,17 @@ def _expected(bridge: BridgeBase, found: set[str]) -> None:
         raise ConversionError(f"{extra[0]}: part of the torch_dist layout but not mapped by the bridge")
 
 
+@dataclass(frozen=True)
+class _Record:
+    """Where DCP finds a chunk (or a serialised object, `offset` None) in the data file."""
+
+    key: str
+    offset: tuple[int, ...] | None
+    index: int | None
+    start: int
+    length: int
+
+
 def write(
     bridge: BridgeBase,
     destination: Path,
@@ -294,31 +269,136 @@ def write(
     on_chunk: Callable[[int], None] | None = None,
 ) -> int:
     """Write `destination` as a torch_dist checkpoint; `convert(group)` gives a group's Megatron
-    tensors, `dtype_of(name)` their dtype. Returns the bytes of tensor data written."""
-    from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter, save
+    tensors, `dtype_of(name)` their dtype. Returns the bytes of tensor data written.
 
+    The files are exactly those PyTorch DCP's FileSystemWriter writes for this state on one rank
+    (objects, then each chunk as a `torch.save` record, then the pickled Metadata; a test holds
+    them against DCP's own output). Writing the records here lets DCP's import, which costs as
+    much as a gigabyte of I/O, run in the background meanwhile: only the Metadata needs it.
+    """
     plan = layout(bridge)
     _expected(bridge, plan.params())
+    dcp = _BackgroundImport("torch.distributed.checkpoint")
     cache = _GroupCache(convert, bridge.groups)
-    written = [0]
-
-    def data(piece: Piece) -> torch.Tensor:
-        chunk = _chunk_of(piece, cache.tensor(piece.param))
-        written[0] += chunk.numel() * chunk.element_size()
-        if on_chunk:
-            on_chunk(chunk.numel() * chunk.element_size())
-        return chunk
-
-    class Planner(DefaultSavePlanner):
-        def transform_object(self, write_item: Any, object: Any) -> Any:  # noqa: A002 - DCP's name
-            return object  # already serialised, as megatron-core's planner expects
-
-    state: dict[str, Any] = {key: _Chunks(pieces, data, dtype_of(pieces[0].param)) for key, pieces in _by_key(plan.pieces).items()}
-    state.update({key: io.BytesIO(payload) for key, payload in plan.objects.items()})
-    writer = FileSystemWriter(destination, single_file_per_rank=True, sync_files=False, thread_count=1)
-    save(state, storage_writer=writer, planner=Planner(flatten_state_dict=False), no_dist=True)
+    by_key = _by_key(plan.pieces)
+    records: list[_Record] = []
+    written = 0
+    with (Path(destination) / DATA_FILE).open("wb") as stream:
+        for key, payload in plan.objects.items():
+            records.append(_Record(key, None, None, stream.tell(), len(payload)))
+            stream.write(payload)
+        for key, pieces in by_key.items():
+            for index, piece in enumerate(pieces):
+                chunk = _chunk_of(piece, cache.tensor(piece.param)).contiguous()
+                if chunk.untyped_storage().nbytes() != chunk.numel() * chunk.element_size():
+                    chunk = chunk.clone()  # torch.save writes whole storages: only the chunk's
+                start = stream.tell()
+                torch.save(chunk, stream)
+                records.append(_Record(key, piece.offset, index, start, stream.tell() - start))
+                written += chunk.numel() * chunk.element_size()
+                if on_chunk:
+                    on_chunk(chunk.numel() * chunk.element_size())
+    metadata = _metadata(dcp.module(), plan, by_key, records, dtype_of, str(destination))
+    staging = Path(destination) / ".metadata.tmp"
+    with staging.open("wb") as f:
+        pickle.dump(metadata, f)
+    os.replace(staging, Path(destination) / ".metadata")
     (Path(destination) / "metadata.json").write_text(plan.config)
-    return written[0]
+    return written
+
+
+def _metadata(dcp: Any, plan: Layout, by_key: dict[str, list[Piece]], records: list[_Record], dtype_of: Callable[[str], torch.dtype], checkpoint_id: str) -> Any:
+    """DCP's Metadata for the records, as its default planner and FileSystemWriter make it."""
+    md, filesystem = dcp.metadata, dcp.filesystem
+    state: dict[str, Any] = {}
+    for key, pieces in by_key.items():
+        chunks = [md.ChunkStorageMetadata(offsets=torch.Size(p.offset), sizes=torch.Size(p.chunk_shape)) for p in pieces]
+        state[key] = md.TensorStorageMetadata(md.TensorProperties(dtype=dtype_of(pieces[0].param)), torch.Size(pieces[0].global_shape), chunks)
+    for key in plan.objects:
+        state[key] = md.BytesStorageMetadata()
+    storage = {
+        md.MetadataIndex(r.key, None if r.offset is None else torch.Size(r.offset), r.index): filesystem._StorageInfo(DATA_FILE, r.start, r.length)
+        for r in records
+    }
+    return md.Metadata(
+        state_dict_metadata=state,
+        planner_data=None,
+        storage_data=storage,
+        storage_meta=md.StorageMeta(checkpoint_id=checkpoint_id, save_id=str(uuid.uuid4())),
+        version=filesystem.CURRENT_DCP_VERSION,
+    )
+
+
+class _BackgroundImport:
+    """Imports a module in a thread, so its import overlaps with other work."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            importlib.import_module(self._name)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            self._error = e
+
+    def module(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return importlib.import_module(self._name)
+
+
+# -- Reading ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """What a checkpoint's Metadata says of one tensor key, and where its chunks are."""
+
+    dtype: torch.dtype
+    size: tuple[int, ...]
+    chunks: dict[tuple[int, ...], tuple[tuple[int, ...], Any]]  # offsets -> (sizes, storage info)
+
+
+class _Stub:
+    """Stands in for a DCP metadata class, so that .metadata is read without importing DCP."""
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.state = state
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    _stubs: dict[str, type] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("torch.distributed.checkpoint."):
+            return self._stubs.setdefault(f"{module}.{name}", type(name, (_Stub,), {}))
+        return super().find_class(module, name)
+
+
+def _read_metadata(directory: Path) -> dict[str, _Stored]:
+    """The tensor keys of a DCP checkpoint, from its .metadata, read with stand-in classes."""
+    with (Path(directory) / ".metadata").open("rb") as f:
+        metadata = _MetadataUnpickler(f).load()
+    locations = {(i.fqn, tuple(i.offset)): info for i, info in metadata.storage_data.items() if getattr(i, "offset", None) is not None}
+    stored = {}
+    for key, entry in metadata.state_dict_metadata.items():
+        if type(entry).__name__ != "TensorStorageMetadata":
+            continue
+        props = entry.properties
+        dtype = props.state[0] if hasattr(props, "state") else props.dtype
+        chunks = {tuple(c.offsets): (tuple(c.sizes), locations.get((key, tuple(c.offsets)))) for c in entry.chunks}
+        stored[key] = _Stored(dtype, tuple(entry.size), chunks)
+    return stored
 
 
 class _Window(io.RawIOBase):
@@ -355,9 +435,9 @@ class _Records:
     copied. Anything else about a record (transforms, several storages, another byte order,
     another size) leaves the key to DCP's own reader."""
 
-    def __init__(self, directory: Path, metadata: Any) -> None:
+    def __init__(self, directory: Path, stored: dict[str, _Stored]) -> None:
         self._directory = directory
-        self._metadata = metadata
+        self._stored = stored
         self._fds: dict[str, int] = {}
 
     def _fd(self, relative: str) -> int:
@@ -366,20 +446,17 @@ class _Records:
         return self._fds[relative]
 
     def tensor(self, key: str) -> torch.Tensor | None:
-        from torch.distributed.checkpoint.metadata import MetadataIndex
-
-        stored = self._metadata.state_dict_metadata[key]
-        dtype = stored.properties.dtype
+        stored = self._stored[key]
+        dtype = stored.dtype
         chunks = []
-        for chunk in stored.chunks:
-            info = self._metadata.storage_data.get(MetadataIndex(key, chunk.offsets))
-            data = self._chunk(info, dtype, tuple(chunk.sizes)) if info is not None else None
+        for offsets, (sizes, info) in stored.chunks.items():
+            data = self._chunk(info, dtype, sizes) if info is not None else None
             if data is None:
                 return None
-            chunks.append((tuple(chunk.offsets), data))
-        if len(chunks) == 1 and tuple(chunks[0][1].shape) == tuple(stored.size):
+            chunks.append((offsets, data))
+        if len(chunks) == 1 and tuple(chunks[0][1].shape) == stored.size:
             return chunks[0][1]
-        full = torch.empty(tuple(stored.size), dtype=dtype)
+        full = torch.empty(stored.size, dtype=dtype)
         for offsets, data in chunks:
             full[tuple(slice(o, o + n) for o, n in zip(offsets, data.shape))] = data
         return full
@@ -446,19 +523,9 @@ class Reader:
     """Full Megatron tensors (bridge names) read back from a torch_dist checkpoint, one at a time."""
 
     def __init__(self, bridge: BridgeBase, directory: Path) -> None:
-        from torch.distributed.checkpoint import FileSystemReader
-
-        class OnceReadMetadata(FileSystemReader):
-            """Reads .metadata once, not at every load (DCP re-reads it each time)."""
-
-            @functools.cache
-            def read_metadata(self) -> Any:
-                return super().read_metadata()
-
         self.directory = Path(directory)
-        self._storage = OnceReadMetadata(str(directory))
         try:
-            stored = {k: v for k, v in self._storage.read_metadata().state_dict_metadata.items() if hasattr(v, "size")}
+            stored = _read_metadata(self.directory)
         except Exception as e:  # noqa: BLE001 - a missing, truncated or corrupt .metadata
             raise ConversionError(f"{directory}: not a readable torch_dist checkpoint ({e})") from None
         plan = layout(bridge)
@@ -473,10 +540,10 @@ class Reader:
         if unexpected:
             raise ConversionError(f"{unexpected[0]}: unexpected tensor in the torch_dist checkpoint at {directory}")
         _expected(bridge, set(self._pieces))
-        self._dtypes = {k: v.properties.dtype for k, v in stored.items()}
-        self._global = {k: tuple(v.size) for k, v in stored.items()}
+        self._dtypes = {k: v.dtype for k, v in stored.items()}
+        self._global = {k: v.size for k, v in stored.items()}
         self._keys: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._records = _Records(self.directory, self._storage.read_metadata())
+        self._records = _Records(self.directory, stored)
 
     def names(self) -> set[str]:
         return set(self._pieces)
@@ -506,17 +573,17 @@ class Reader:
     def _load(self, keys: list[str]) -> None:
         """Read whole checkpoint keys (one DCP read for all missing ones); keep the last few, since
         the parameters of one key (stacked experts) are asked for one after another."""
-        from torch.distributed.checkpoint import DefaultLoadPlanner, load
-
         missing = [k for k in dict.fromkeys(keys) if k not in self._keys]
         for key in missing:
             direct = self._records.tensor(key)
             if direct is not None:
                 self._keys[key] = direct
         missing = [k for k in missing if k not in self._keys]
-        if missing:
+        if missing:  # records this reader does not map: DCP's own reader
+            from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, load
+
             state = {k: torch.empty(self._global[k], dtype=self._dtypes[k]) for k in missing}
-            load(state, storage_reader=self._storage, planner=DefaultLoadPlanner(flatten_state_dict=False), no_dist=True)
+            load(state, storage_reader=FileSystemReader(str(self.directory)), planner=DefaultLoadPlanner(flatten_state_dict=False), no_dist=True)
             self._keys.update(state)
         for key in keys:
             self._keys.move_to_end(key)
