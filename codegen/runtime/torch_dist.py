@@ -25,7 +25,6 @@ import pickle
 import struct
 import threading
 import uuid
-import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -419,32 +418,41 @@ def _read_metadata(directory: Path) -> dict[str, _Stored]:
     return stored
 
 
-class _Window(io.RawIOBase):
-    """A read-only, seekable view of bytes [start, start + length) of a file, for zipfile."""
+def _read_into(fd: int, tensor: torch.Tensor, offset: int) -> None:
+    view, done = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if count == 0:
+            raise ConversionError(f"unexpected end of a torch_dist data file at byte {offset + done}")
+        done += count
 
-    def __init__(self, fd: int, start: int, length: int) -> None:
-        self._fd, self._start, self._length, self._position = fd, start, length, 0
 
-    def readable(self) -> bool:
-        return True
+_LOCAL_HEADER = b"PK\x03\x04"
+_RECORD_HEAD = 64 * 1024  # a record's pickle and small entries come before its storage
 
-    def seekable(self) -> bool:
-        return True
 
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
-        self._position = base + offset
-        return self._position
-
-    def readinto(self, buffer: Any) -> int:
-        size = max(0, min(len(buffer), self._length - self._position))
-        data = os.pread(self._fd, size, self._start + self._position)
-        buffer[: len(data)] = data
-        self._position += len(data)
-        return len(data)
+def _storage_start(fd: int, offset: int, length: int) -> int | None:
+    """Where the one storage of a `torch.save` record starts in the file: its zip entry
+    `<archive>/data/0` is found by its local header among the record's first bytes, and must be
+    stored uncompressed, in little-endian byte order, with no second storage. None otherwise."""
+    head = os.pread(fd, min(length, _RECORD_HEAD), offset)
+    start, storages, little = None, 0, False
+    position = head.find(_LOCAL_HEADER)
+    while 0 <= position and position + 30 <= len(head):
+        method = struct.unpack("<H", head[position + 8 : position + 10])[0]
+        name_length, extra_length = struct.unpack("<HH", head[position + 26 : position + 30])
+        name = head[position + 30 : position + 30 + name_length]
+        data = position + 30 + name_length + extra_length
+        if b"/data/" in name:
+            storages += 1
+            if method != 0:
+                return None
+            start = offset + data
+            break  # the storage's bytes follow: nothing after it is read
+        if name.endswith(b"/byteorder"):
+            little = head[data : data + 6] == b"little"
+        position = head.find(_LOCAL_HEADER, data)
+    return start if storages == 1 and little else None
 
 
 class _Records:
@@ -464,48 +472,43 @@ class _Records:
         return self._fds[relative]
 
     def tensor(self, key: str) -> torch.Tensor | None:
+        """The key's whole tensor: mapped when it is one chunk; else its chunks read into place."""
         stored = self._stored[key]
-        dtype = stored.dtype
-        chunks = []
+        places = {}
         for offsets, (sizes, info) in stored.chunks.items():
-            data = self._chunk(info, dtype, sizes) if info is not None else None
-            if data is None:
+            start = self._start(info, stored.dtype, sizes)
+            if start is None:
                 return None
-            chunks.append((offsets, data))
-        if len(chunks) == 1 and tuple(chunks[0][1].shape) == stored.size:
-            return chunks[0][1]
-        full = torch.empty(stored.size, dtype=dtype)
-        for offsets, data in chunks:
-            full[tuple(slice(o, o + n) for o, n in zip(offsets, data.shape))] = data
+            places[offsets] = (sizes, info, start)
+        if len(places) == 1 and next(iter(places.values()))[0] == stored.size:
+            _sizes, info, start = next(iter(places.values()))
+            return self._map(info.relative_path, start, stored.dtype, stored.size)
+        full = torch.empty(stored.size, dtype=stored.dtype)
+        for offsets, (sizes, info, start) in places.items():
+            region = full[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))]
+            if region.is_contiguous():  # one read straight into place, no mapping and copy
+                _read_into(self._fd(info.relative_path), region, start)
+            else:
+                region.copy_(self._map(info.relative_path, start, stored.dtype, sizes))
         return full
 
-    def _chunk(self, info: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
-        if getattr(info, "transform_descriptors", None):
+    def _start(self, info: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> int | None:
+        """Where the chunk's data starts, if this reader can read the record (else None)."""
+        if info is None or getattr(info, "transform_descriptors", None):
             return None
-        fd = self._fd(info.relative_path)
-        try:
-            with zipfile.ZipFile(_Window(fd, info.offset, info.length)) as record:
-                storages = [e for e in record.infolist() if "/data/" in e.filename and not e.filename.endswith("/")]
-                order = [e for e in record.infolist() if e.filename.endswith("/byteorder")]
-                if len(storages) != 1 or storages[0].compress_type != zipfile.ZIP_STORED:
-                    return None
-                if order and record.read(order[0]).strip() != b"little":
-                    return None
-                entry = storages[0]
-        except (zipfile.BadZipFile, OSError, ValueError):
+        start = _storage_start(self._fd(info.relative_path), info.offset, info.length)
+        if start is None or start + math.prod(shape) * dtype.itemsize > info.offset + info.length:
             return None
-        nbytes = math.prod(shape) * dtype.itemsize
-        if entry.file_size != nbytes:
-            return None
-        local = os.pread(fd, 30, info.offset + entry.header_offset)
-        name_length, extra_length = struct.unpack("<HH", local[26:30])
-        start = info.offset + entry.header_offset + 30 + name_length + extra_length
-        if nbytes == 0:
+        return start
+
+    def _map(self, relative: str, start: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        count = math.prod(shape)
+        if count == 0:
             return torch.empty(shape, dtype=dtype)
         aligned = start - start % mmap.ALLOCATIONGRANULARITY
-        mapped = mmap.mmap(fd, start + nbytes - aligned, offset=aligned, access=mmap.ACCESS_COPY)
+        mapped = mmap.mmap(self._fd(relative), start + count * dtype.itemsize - aligned, offset=aligned, access=mmap.ACCESS_COPY)
         # DCP puts records anywhere in its files, so the data may not be aligned to its dtype.
-        return torch.frombuffer(mapped, dtype=dtype, offset=start - aligned, count=math.prod(shape)).reshape(shape)
+        return torch.frombuffer(mapped, dtype=dtype, offset=start - aligned, count=count).reshape(shape)
 
     def close(self) -> None:
         for fd in self._fds.values():
