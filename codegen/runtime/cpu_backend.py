@@ -428,26 +428,29 @@ class _CPUGroupedLinear(_TEExtraState, nn.Module):
     ``TEGroupedMLP`` turns into TE's stacked ``experts.linear_fc{1,2}.weight [E, ...]`` layout.
     """
 
+    parallel_mode: str  # "column" (linear_fc1) or "row" (linear_fc2), set by the subclasses
+
     def __init__(
         self,
         num_gemms: int,
         input_size: int,
         output_size: int,
         *,
-        parallel_mode: str,
         config: TransformerConfig,
         init_method: Callable[[Tensor], None],
         bias: bool,
         skip_bias_add: bool,
         is_expert: bool,
-        pg_collection: ProcessGroupCollection | None,
+        tp_comm_buffer_name: str | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
+        name: str | None = None,
     ) -> None:
         super().__init__()
         if not is_expert:
             raise ValueError("TEGroupedLinear only supports expert parallelism")
+        parallel_mode = self.parallel_mode
         self.config = config
         self.num_gemms = num_gemms
-        self.parallel_mode = parallel_mode
         self.skip_bias_add = skip_bias_add
         self.use_bias = bias
         if pg_collection is None:
@@ -568,65 +571,13 @@ def _take_per_expert_extra_states(
 class CPUColumnParallelGroupedLinear(_CPUGroupedLinear):
     """``TEColumnParallelGroupedLinear`` (expert ``linear_fc1``)."""
 
-    def __init__(
-        self,
-        num_gemms: int,
-        input_size: int,
-        output_size: int,
-        *,
-        config: TransformerConfig,
-        init_method: Callable[[Tensor], None],
-        bias: bool,
-        skip_bias_add: bool,
-        is_expert: bool,
-        tp_comm_buffer_name: str | None = None,
-        pg_collection: ProcessGroupCollection | None = None,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(
-            num_gemms,
-            input_size,
-            output_size,
-            parallel_mode="column",
-            config=config,
-            init_method=init_method,
-            bias=bias,
-            skip_bias_add=skip_bias_add,
-            is_expert=is_expert,
-            pg_collection=pg_collection,
-        )
+    parallel_mode = "column"
 
 
 class CPURowParallelGroupedLinear(_CPUGroupedLinear):
     """``TERowParallelGroupedLinear`` (expert ``linear_fc2``)."""
 
-    def __init__(
-        self,
-        num_gemms: int,
-        input_size: int,
-        output_size: int,
-        *,
-        config: TransformerConfig,
-        init_method: Callable[[Tensor], None],
-        bias: bool,
-        skip_bias_add: bool,
-        is_expert: bool,
-        tp_comm_buffer_name: str | None = None,
-        pg_collection: ProcessGroupCollection | None = None,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(
-            num_gemms,
-            input_size,
-            output_size,
-            parallel_mode="row",
-            config=config,
-            init_method=init_method,
-            bias=bias,
-            skip_bias_add=skip_bias_add,
-            is_expert=is_expert,
-            pg_collection=pg_collection,
-        )
+    parallel_mode = "row"
 
 
 _CAUSAL_TOP_LEFT = (AttnMaskType.causal, AttnMaskType.padding_causal)
