@@ -167,7 +167,10 @@ def test_files_are_what_pytorch_dcp_writes(convert_variant, tmp_path: Path) -> N
         state.update({k: io.BytesIO(v) for k, v in layout.objects.items()})
         (tmp_path / "dcp").mkdir()
         with torch_dist._without_zip_crc32():  # as our writer writes
-            save(state, storage_writer=FileSystemWriter(tmp_path / "dcp", single_file_per_rank=True, sync_files=False, thread_count=1), planner=Planner(flatten_state_dict=False), no_dist=True)
+            # per_thread_copy_ahead=0: DCP's serial loader, which on a CUDA machine it would swap
+            # for one that uses CUDA streams (the CPU backend runs megatron-core on the CPU).
+            writer = FileSystemWriter(tmp_path / "dcp", single_file_per_rank=True, sync_files=False, thread_count=1, per_thread_copy_ahead=0)
+            save(state, storage_writer=writer, planner=Planner(flatten_state_dict=False), no_dist=True)
         (tmp_path / "ours").mkdir()
         torch_dist.write(bridge, tmp_path / "ours", lambda g: {n: megatron[n] for n in g.megatron}, lambda n: megatron[n].dtype)
     assert (tmp_path / "ours" / torch_dist.DATA_FILE).read_bytes() == (tmp_path / "dcp" / torch_dist.DATA_FILE).read_bytes()

@@ -169,7 +169,9 @@ def install_cpu_shims() -> bool:
     """Patch megatron-core for a machine without Transformer Engine; idempotent.
 
     Returns True when the CPU backend is in use, False when TE is present (nothing patched).
-    Call it before building a model; the CUDA stand-ins are installed only without CUDA.
+    Call it before building a model. The CPU backend means running on the CPU, also on a machine
+    with CUDA: megatron-core would otherwise put some parameters (GDN's conv1d) on the GPU and
+    the rest on the CPU, so the CUDA stand-ins come with the backend.
     """
     global _installed
     if _installed:
@@ -177,8 +179,7 @@ def install_cpu_shims() -> bool:
     if transformer_engine_available():
         return False
     _install_backend()
-    if not torch.cuda.is_available():
-        _install_cuda_stand_ins()
-        _disable_torch_compile()
+    _install_cuda_stand_ins()
+    _disable_torch_compile()
     _installed = True
     return True

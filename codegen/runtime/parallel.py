@@ -70,12 +70,13 @@ def init_parallel(
 def seed_rng_tracker(seed: int) -> None:
     """Give Megatron's RNG tracker the states it forks (as ``model_parallel_cuda_manual_seed``).
 
-    Without CUDA the tracker holds CPU generator states (see ``megatron_shims``).
+    With the CPU backend (no Transformer Engine) the tracker holds CPU generator states, as the
+    stand-ins in ``megatron_shims`` expect, CUDA or not.
     """
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.tensor_parallel import random
 
-    if torch.cuda.is_available():
+    if not install_cpu_shims():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
         return
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
