@@ -152,6 +152,8 @@ def test_files_are_what_pytorch_dcp_writes(convert_variant, tmp_path: Path) -> N
     from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter, save
 
     from codegen.runtime import torch_dist
+    from codegen.runtime.torch_dist import writer
+    from codegen.runtime.torch_dist.layout import by_key
 
     tmp, checkpoint, _spec = convert_variant("moe-text")
     bridge, _spec, _ = bridge_for_checkpoint(checkpoint.path, bridge_dir=tmp / "bridges", quiet=True)
@@ -163,14 +165,14 @@ def test_files_are_what_pytorch_dcp_writes(convert_variant, tmp_path: Path) -> N
             def transform_object(self, write_item, object):  # noqa: A002
                 return object
 
-        state = {k: _DCPChunks(ps, lambda p: torch_dist._chunk_of(p, megatron[p.param]).contiguous(), megatron[ps[0].param].dtype) for k, ps in torch_dist._by_key(layout.pieces).items()}
+        state = {k: _DCPChunks(ps, lambda p: writer.chunk_of(p, megatron[p.param]).contiguous(), megatron[ps[0].param].dtype) for k, ps in by_key(layout.pieces).items()}
         state.update({k: io.BytesIO(v) for k, v in layout.objects.items()})
         (tmp_path / "dcp").mkdir()
-        with torch_dist._without_zip_crc32():  # as our writer writes
+        with writer.without_zip_crc32():  # as our writer writes
             # per_thread_copy_ahead=0: DCP's serial loader, which on a CUDA machine it would swap
             # for one that uses CUDA streams (the CPU backend runs megatron-core on the CPU).
-            writer = FileSystemWriter(tmp_path / "dcp", single_file_per_rank=True, sync_files=False, thread_count=1, per_thread_copy_ahead=0)
-            save(state, storage_writer=writer, planner=Planner(flatten_state_dict=False), no_dist=True)
+            dcp_writer = FileSystemWriter(tmp_path / "dcp", single_file_per_rank=True, sync_files=False, thread_count=1, per_thread_copy_ahead=0)
+            save(state, storage_writer=dcp_writer, planner=Planner(flatten_state_dict=False), no_dist=True)
         (tmp_path / "ours").mkdir()
         torch_dist.write(bridge, tmp_path / "ours", lambda g: {n: megatron[n] for n in g.megatron}, lambda n: megatron[n].dtype)
     assert (tmp_path / "ours" / torch_dist.DATA_FILE).read_bytes() == (tmp_path / "dcp" / torch_dist.DATA_FILE).read_bytes()
