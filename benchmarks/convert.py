@@ -90,19 +90,30 @@ def write_synthetic(config: dict, folder: Path) -> int:
     """Random bf16 tensors in the HF layout (GDN norm weights in [0.5, 2], as real ones)."""
     import torch
 
-    from codegen.runtime.safetensors_stream import Planned, StreamingWriter, plan_shards, write_index
+    from codegen.runtime.safetensors_stream import (
+        Planned,
+        StreamingWriter,
+        plan_shards,
+        write_index,
+    )
 
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     bridge = _bridge(config)
-    planned = [Planned(name, torch.bfloat16, tuple(shape)) for name, shape in bridge.hf_shapes.items()]
+    planned = [
+        Planned(name, torch.bfloat16, tuple(shape)) for name, shape in bridge.hf_shapes.items()
+    ]
     writer = StreamingWriter(folder, plan_shards(planned, 1000**3), opener=None)
     generator = torch.Generator().manual_seed(0)
     for p in planned:
         if p.name.endswith("linear_attn.norm.weight"):
             tensor = (torch.rand(p.shape, generator=generator) * 1.5 + 0.5).to(torch.bfloat16)
         else:
-            tensor = torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(0.02).to(torch.bfloat16)
+            tensor = (
+                torch.randn(p.shape, generator=generator, dtype=torch.float32)
+                .mul_(0.02)
+                .to(torch.bfloat16)
+            )
         writer.write(p.name, tensor)
     writer.close()
     write_index(folder, writer.weight_map, writer.bytes_written)
@@ -123,10 +134,16 @@ def run(command: list[str], env: dict[str, str]) -> tuple[float, int]:
 
 
 def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.suffix in {".safetensors", ".distcp"})
+    return sum(
+        p.stat().st_size
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix in {".safetensors", ".distcp"}
+    )
 
 
-def measure(name: str, command: list[str], output: Path, env: dict[str, str], repeats: int = 3) -> Measurement:
+def measure(
+    name: str, command: list[str], output: Path, env: dict[str, str], repeats: int = 3
+) -> Measurement:
     shutil.rmtree(output, ignore_errors=True)
     run(command, env)  # warm: page cache, bridge and layout caches
     times, peaks = [], []
@@ -144,16 +161,31 @@ def make_checkpoint(model_id: str, size_gb: float, folder: Path) -> None:
 
     config = synthetic_config(model_id, int(size_gb * 1e9))
     total = write_synthetic(config, folder)
-    largest_group = max(sum(2 * torch.Size(s).numel() for s in g.hf.values()) for g in _bridge(config).groups)
-    print(json.dumps({"bytes": total, "largest_group": largest_group, "experts": config.get("num_experts", 0),
-                      "layers": config["num_hidden_layers"], "vocab": config["vocab_size"]}))
+    largest_group = max(
+        sum(2 * torch.Size(s).numel() for s in g.hf.values()) for g in _bridge(config).groups
+    )
+    print(
+        json.dumps(
+            {
+                "bytes": total,
+                "largest_group": largest_group,
+                "experts": config.get("num_experts", 0),
+                "layers": config["num_hidden_layers"],
+                "vocab": config["vocab_size"],
+            }
+        )
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="Qwen/Qwen3.5-35B-A3B")
     parser.add_argument("--size-gb", type=float, default=3.0)
-    parser.add_argument("--work", type=Path, help="folder for the checkpoints (default: a temporary one)")
+    parser.add_argument(
+        "--work", type=Path, help="folder for the checkpoints (default: a temporary one)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--make-checkpoint", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,32 +197,85 @@ def main() -> None:
     env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache"), "TORCHDYNAMO_DISABLE": "1"}
     source = work / "hf"
     shutil.rmtree(source, ignore_errors=True)
-    made = subprocess.run([sys.executable, __file__, "--make-checkpoint", str(source), "--model", args.model, "--size-gb", str(args.size_gb)],
-                          env=env, check=True, capture_output=True, text=True)
+    made = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--make-checkpoint",
+            str(source),
+            "--model",
+            args.model,
+            "--size-gb",
+            str(args.size_gb),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     info = json.loads(made.stdout.strip().splitlines()[-1])
     largest_group = info["largest_group"]
-    print(f"synthetic checkpoint from {args.model}: {info['bytes'] / 1e9:.2f} GB, {info['layers']} layers + 1 MTP, "
-          f"{info['experts']} experts, vocab {info['vocab']}; largest group {largest_group / 1e9:.3f} GB")
+    print(
+        f"synthetic checkpoint from {args.model}: {info['bytes'] / 1e9:.2f} GB, {info['layers']} layers + 1 MTP, "
+        f"{info['experts']} experts, vocab {info['vocab']}; largest group {largest_group / 1e9:.3f} GB"
+    )
 
     codegen = [sys.executable, "-m", "codegen", "convert"]
     common = ["--quiet", "--max-shard-size", SHARD]
     cases = [
-        ("I/O baseline", [sys.executable, str(REPO / "benchmarks" / "io_baseline.py"), str(source), str(work / "baseline")], work / "baseline"),
-        ("hf-to-megatron safetensors", [*codegen, "hf-to-megatron", str(source), str(work / "meg"), *common], work / "meg"),
-        ("hf-to-megatron torch_dist", [*codegen, "hf-to-megatron", str(source), str(work / "dist"), "--format", "torch_dist", *common], work / "dist"),
-        ("megatron-to-hf from safetensors", [*codegen, "megatron-to-hf", str(work / "meg"), str(work / "back"), *common], work / "back"),
-        ("megatron-to-hf from torch_dist", [*codegen, "megatron-to-hf", str(work / "dist"), str(work / "back2"), *common], work / "back2"),
+        (
+            "I/O baseline",
+            [
+                sys.executable,
+                str(REPO / "benchmarks" / "io_baseline.py"),
+                str(source),
+                str(work / "baseline"),
+            ],
+            work / "baseline",
+        ),
+        (
+            "hf-to-megatron safetensors",
+            [*codegen, "hf-to-megatron", str(source), str(work / "meg"), *common],
+            work / "meg",
+        ),
+        (
+            "hf-to-megatron torch_dist",
+            [
+                *codegen,
+                "hf-to-megatron",
+                str(source),
+                str(work / "dist"),
+                "--format",
+                "torch_dist",
+                *common,
+            ],
+            work / "dist",
+        ),
+        (
+            "megatron-to-hf from safetensors",
+            [*codegen, "megatron-to-hf", str(work / "meg"), str(work / "back"), *common],
+            work / "back",
+        ),
+        (
+            "megatron-to-hf from torch_dist",
+            [*codegen, "megatron-to-hf", str(work / "dist"), str(work / "back2"), *common],
+            work / "back2",
+        ),
     ]
     results = []
     for name, command, output in cases:  # each megatron-to-hf reads what the case before wrote
         results.append(measure(name, command, output, env, args.repeats))
         m = results[-1]
-        print(f"{m.name:34} {m.seconds:7.2f} s {m.bytes_written / m.seconds / 1e9:6.2f} GB/s  peak RSS {m.peak_rss_bytes / 1e9:5.2f} GB")
+        print(
+            f"{m.name:34} {m.seconds:7.2f} s {m.bytes_written / m.seconds / 1e9:6.2f} GB/s  peak RSS {m.peak_rss_bytes / 1e9:5.2f} GB"
+        )
     baseline = results[0]
     print()
     print(f"{'conversion':34} {'wall s':>7} {'GB/s':>6} {'ratio':>6} {'peak RSS GB':>12}")
     for m in results:
-        print(f"{m.name:34} {m.seconds:7.2f} {m.bytes_written / m.seconds / 1e9:6.2f} {m.seconds / baseline.seconds:6.2f} {m.peak_rss_bytes / 1e9:12.2f}")
+        print(
+            f"{m.name:34} {m.seconds:7.2f} {m.bytes_written / m.seconds / 1e9:6.2f} {m.seconds / baseline.seconds:6.2f} {m.peak_rss_bytes / 1e9:12.2f}"
+        )
     conversions = results[1:]
     worst = max(m.seconds / baseline.seconds for m in conversions)
     peak = max(m.peak_rss_bytes for m in conversions)

@@ -31,7 +31,9 @@ def find_committed(spec: ModelSpec) -> str | None:
     return None
 
 
-def bridge_for(spec: ModelSpec, model_id: str, origin: Origin, *, bridge_dir: Path | None = None) -> tuple[BridgeBase, str]:
+def bridge_for(
+    spec: ModelSpec, model_id: str, origin: Origin, *, bridge_dir: Path | None = None
+) -> tuple[BridgeBase, str]:
     """A bridge instance for `spec`, and where its module is (for the user to read). A bridge
     generated earlier by this same build for this spec is reused without rendering it again."""
     committed = find_committed(spec)

@@ -16,19 +16,29 @@ HF_PREFIXES = ("model.", "model.language_model.")
 
 
 def _add_source_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ref", help="catalog:ID, a local directory or config.json, or a hub id (owner/name)")
+    p.add_argument(
+        "ref", help="catalog:ID, a local directory or config.json, or a hub id (owner/name)"
+    )
     p.add_argument("--index", type=Path, help="model.safetensors.index.json to read layouts from")
     p.add_argument("--experts", choices=LAYOUTS, help="decoder experts layout, when no index says")
-    p.add_argument("--mtp-experts", choices=LAYOUTS, help="MTP experts layout, when no index or catalog says")
-    p.add_argument("--hf-prefix", choices=HF_PREFIXES, help="HF prefix of a text-only Qwen3.5 checkpoint")
+    p.add_argument(
+        "--mtp-experts", choices=LAYOUTS, help="MTP experts layout, when no index or catalog says"
+    )
+    p.add_argument(
+        "--hf-prefix", choices=HF_PREFIXES, help="HF prefix of a text-only Qwen3.5 checkpoint"
+    )
 
 
 def _request(args: argparse.Namespace):  # -> generator.Request
     from codegen.generator import Request
     from codegen.spec import LayoutChoices
 
-    choices = LayoutChoices(experts=args.experts, mtp_experts=args.mtp_experts, hf_prefix=args.hf_prefix)
-    return Request(ref=args.ref, index=args.index, choices=choices, name=getattr(args, "name", None))
+    choices = LayoutChoices(
+        experts=args.experts, mtp_experts=args.mtp_experts, hf_prefix=args.hf_prefix
+    )
+    return Request(
+        ref=args.ref, index=args.index, choices=choices, name=getattr(args, "name", None)
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -48,7 +58,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     data = {"model_id": source.model_id, "source": source.ref, "provenance": source.provenance}
     data |= spec.to_dict()
     if spec.needs_mtp_experts_choice:
-        data["mtp_experts_layout_reason"] = "no index and no catalog statement: choose with --mtp-experts"
+        data["mtp_experts_layout_reason"] = (
+            "no index and no catalog statement: choose with --mtp-experts"
+        )
     data["spec_sha256"] = spec.fingerprint()
     print(json.dumps(data, indent=2))
     return 0
@@ -59,7 +71,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     drifts = generator.check()
     if not drifts:
-        print("generated/ matches the generator (bridges and manifests, byte for byte); every table matches its manifest")
+        print(
+            "generated/ matches the generator (bridges and manifests, byte for byte); every table matches its manifest"
+        )
         return 0
     for drift in drifts:
         print(f"{drift.path}: {drift.problem}\n    fix: {drift.fix}")
@@ -95,7 +109,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+}
 
 
 def parse_size(text: str) -> int:
@@ -110,20 +133,43 @@ def parse_size(text: str) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from codegen import conversion
 
-    common = dict(bridge_dir=args.bridge_dir, force=args.force, max_shard_bytes=args.max_shard_size, quiet=args.quiet)
+    common = dict(
+        bridge_dir=args.bridge_dir,
+        force=args.force,
+        max_shard_bytes=args.max_shard_size,
+        quiet=args.quiet,
+    )
     if args.direction == "hf-to-megatron":
-        report = conversion.hf_to_megatron(args.src, args.dst, output_format=args.format, allow_norm_rounding=args.accept_norm_rounding, dequantize_to=args.dequantize_to, **common)
+        report = conversion.hf_to_megatron(
+            args.src,
+            args.dst,
+            output_format=args.format,
+            allow_norm_rounding=args.accept_norm_rounding,
+            dequantize_to=args.dequantize_to,
+            **common,
+        )
     else:
-        report = conversion.megatron_to_hf(args.src, args.dst, experts=args.experts, mtp_experts=args.mtp_experts, fp8=args.fp8, **common)
+        report = conversion.megatron_to_hf(
+            args.src,
+            args.dst,
+            experts=args.experts,
+            mtp_experts=args.mtp_experts,
+            fp8=args.fp8,
+            **common,
+        )
     if not args.quiet:
-        print(f"wrote {args.dst}: {report.tensors_written} tensors, {report.bytes_written / 1e9:.3f} GB (from {report.tensors_read} tensors)")
+        print(
+            f"wrote {args.dst}: {report.tensors_written} tensors, {report.bytes_written / 1e9:.3f} GB (from {report.tensors_read} tensors)"
+        )
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from codegen.verify import verify
 
-    verdict = verify(args.hf_dir, args.megatron_dir, tokens=args.tokens, seed=args.seed, tolerance=args.tolerance)
+    verdict = verify(
+        args.hf_dir, args.megatron_dir, tokens=args.tokens, seed=args.seed, tolerance=args.tolerance
+    )
     print(f"max |delta| logits: {verdict.logits_delta:.3e}")
     for i, delta in enumerate(verdict.mtp_deltas):
         print(f"max |delta| MTP layer {i} logits: {delta:.3e}")
@@ -135,14 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codegen", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    def verb(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+    def verb(
+        name: str, func: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
         p = verbs.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
         return p
 
     p = verb("generate", cmd_generate, "render the bridge module of a model")
     _add_source_options(p)
-    p.add_argument("--out", type=Path, help="output folder (default: generated/, whose index is updated)")
+    p.add_argument(
+        "--out", type=Path, help="output folder (default: generated/, whose index is updated)"
+    )
     p.add_argument("--name", help="module name (default: derived from the model id)")
     p = verb("inspect", cmd_inspect, "print the inferred spec as JSON")
     _add_source_options(p)
@@ -150,28 +200,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("direction", choices=("hf-to-megatron", "megatron-to-hf"))
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
-    p.add_argument("--format", choices=("safetensors", "torch_dist"), default="safetensors", help="hf-to-megatron: Megatron output format (megatron-to-hf reads either)")
-    p.add_argument("--experts", choices=LAYOUTS, help="megatron-to-hf: store routed experts this way (default: as the source did)")
-    p.add_argument("--mtp-experts", choices=LAYOUTS, help="megatron-to-hf: store MTP experts this way")
-    p.add_argument("--bridge-dir", type=Path, help="where to generate a bridge when no committed one matches")
-    p.add_argument("--max-shard-size", type=parse_size, default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument(
+        "--format",
+        choices=("safetensors", "torch_dist"),
+        default="safetensors",
+        help="hf-to-megatron: Megatron output format (megatron-to-hf reads either)",
+    )
+    p.add_argument(
+        "--experts",
+        choices=LAYOUTS,
+        help="megatron-to-hf: store routed experts this way (default: as the source did)",
+    )
+    p.add_argument(
+        "--mtp-experts", choices=LAYOUTS, help="megatron-to-hf: store MTP experts this way"
+    )
+    p.add_argument(
+        "--bridge-dir", type=Path, help="where to generate a bridge when no committed one matches"
+    )
+    p.add_argument(
+        "--max-shard-size",
+        type=parse_size,
+        default="5GB",
+        help="largest output shard (default 5GB)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing destination")
     p.add_argument("--quiet", action="store_true", help="no progress or messages")
-    p.add_argument("--accept-norm-rounding", action="store_true", help="convert even if the GDN norm shift w - 1 rounds")
-    p.add_argument("--dequantize-to", choices=("bfloat16", "float32"), default="bfloat16", help="hf-to-megatron: dtype of FP8 weights once dequantised")
-    p.add_argument("--fp8", action="store_true", help="megatron-to-hf: quantise back to FP8 the tensors that were FP8")
-    p = verb("verify", cmd_verify, "compare the HF model's logits with the converted Megatron model's")
+    p.add_argument(
+        "--accept-norm-rounding",
+        action="store_true",
+        help="convert even if the GDN norm shift w - 1 rounds",
+    )
+    p.add_argument(
+        "--dequantize-to",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="hf-to-megatron: dtype of FP8 weights once dequantised",
+    )
+    p.add_argument(
+        "--fp8",
+        action="store_true",
+        help="megatron-to-hf: quantise back to FP8 the tensors that were FP8",
+    )
+    p = verb(
+        "verify", cmd_verify, "compare the HF model's logits with the converted Megatron model's"
+    )
     p.add_argument("hf_dir", type=Path)
     p.add_argument("megatron_dir", type=Path)
-    p.add_argument("--tokens", type=int, default=80, help="sequence length (default 80: two GDN chunks)")
+    p.add_argument(
+        "--tokens", type=int, default=80, help="sequence length (default 80: two GDN chunks)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tolerance", type=float, default=1e-4)
     verb("check", cmd_check, "regenerate every committed bridge and fail on any difference")
     p = verb("summary", cmd_summary, "describe a bridge in Markdown for its pull request")
     _add_source_options(p)
     p = verb("diff", cmd_diff, "what changes between two bridges: spec, key manifest, then code")
-    p.add_argument("old", help="a reference as for generate (default layouts), or a generated module file (generated/x.py)")
-    p.add_argument("new", help="a reference as for generate (default layouts), or a generated module file (generated/x.py)")
+    p.add_argument(
+        "old",
+        help="a reference as for generate (default layouts), or a generated module file (generated/x.py)",
+    )
+    p.add_argument(
+        "new",
+        help="a reference as for generate (default layouts), or a generated module file (generated/x.py)",
+    )
     verb("list", cmd_list, "list the bundled catalog with provenance")
     return parser
 

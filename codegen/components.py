@@ -20,8 +20,14 @@ COMPONENTS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (name, re.compile(pattern))
     for name, pattern in (
         ("embedding", r"embedding\."),
-        ("gdn_layers", _LAYER + r"self_attention\.(in_proj|conv1d|A_log|dt_bias|out_norm|out_proj)\b"),
-        ("attention_layers", _LAYER + r"self_attention\.(linear_qkv|q_layernorm|k_layernorm|linear_proj)\b"),
+        (
+            "gdn_layers",
+            _LAYER + r"self_attention\.(in_proj|conv1d|A_log|dt_bias|out_norm|out_proj)\b",
+        ),
+        (
+            "attention_layers",
+            _LAYER + r"self_attention\.(linear_qkv|q_layernorm|k_layernorm|linear_proj)\b",
+        ),
         ("dense_mlp", _LAYER + r"mlp\.linear_fc[12]\."),
         ("moe_router", _LAYER + r"(pre_mlp_layernorm|mlp\.router)\."),
         ("routed_experts", _LAYER + r"mlp\.experts\."),
@@ -41,7 +47,9 @@ def component_of(megatron_name: str, prefix: str) -> str:
     for component, pattern in COMPONENTS:
         if pattern.match(name):
             return component
-    raise CodegenError(f"Megatron tensor {megatron_name} belongs to no known component ({', '.join(COMPONENT_NAMES)})")
+    raise CodegenError(
+        f"Megatron tensor {megatron_name} belongs to no known component ({', '.join(COMPONENT_NAMES)})"
+    )
 
 
 def parameter_counts(megatron_shapes: Mapping[str, Shape], prefix: str) -> dict[str, int]:

@@ -25,26 +25,53 @@ def _say(message: str, quiet: bool) -> None:
         print(message, file=sys.stderr)
 
 
-def bridge_for_checkpoint(directory: Path, *, bridge_dir: Path | None = None, quiet: bool = False) -> tuple[BridgeBase, ModelSpec, sources.Source]:
+def bridge_for_checkpoint(
+    directory: Path, *, bridge_dir: Path | None = None, quiet: bool = False
+) -> tuple[BridgeBase, ModelSpec, sources.Source]:
     """The bridge whose spec matches an HF checkpoint folder's config and index."""
     source = sources.resolve(str(directory), repo_root=REPO_ROOT)
     if source.weight_map is None:
         raise ConversionError(f"{directory}: no model.safetensors.index.json or model.safetensors")
     spec = infer_spec(source.config, weight_map=source.weight_map)
-    origin = Origin(source.ref, source.provenance, source.config_sha256, source.index_sha256, command_of(source.ref, {}))
+    origin = Origin(
+        source.ref,
+        source.provenance,
+        source.config_sha256,
+        source.index_sha256,
+        command_of(source.ref, {}),
+    )
     bridge, where = bridges.bridge_for(spec, source.model_id, origin, bridge_dir=bridge_dir)
     _say(f"bridge: {where}", quiet)
     return bridge, spec, source
 
 
-def bridge_for_spec(spec: ModelSpec, model_id: str, *, bridge_dir: Path | None = None, quiet: bool = False) -> BridgeBase:
-    origin = Origin(f"spec {spec.fingerprint()}", "recorded with a Megatron checkpoint", "n/a", None, "codegen convert")
+def bridge_for_spec(
+    spec: ModelSpec, model_id: str, *, bridge_dir: Path | None = None, quiet: bool = False
+) -> BridgeBase:
+    origin = Origin(
+        f"spec {spec.fingerprint()}",
+        "recorded with a Megatron checkpoint",
+        "n/a",
+        None,
+        "codegen convert",
+    )
     bridge, where = bridges.bridge_for(spec, model_id, origin, bridge_dir=bridge_dir)
     _say(f"bridge: {where}", quiet)
     return bridge
 
 
-def hf_to_megatron(src: Path, dst: Path, *, output_format: str = "safetensors", bridge_dir: Path | None = None, force: bool = False, max_shard_bytes: int, allow_norm_rounding: bool = False, dequantize_to: str = "bfloat16", quiet: bool = False) -> runtime_convert.Report:
+def hf_to_megatron(
+    src: Path,
+    dst: Path,
+    *,
+    output_format: str = "safetensors",
+    bridge_dir: Path | None = None,
+    force: bool = False,
+    max_shard_bytes: int,
+    allow_norm_rounding: bool = False,
+    dequantize_to: str = "bfloat16",
+    quiet: bool = False,
+) -> runtime_convert.Report:
     bridge, spec, source = bridge_for_checkpoint(src, bridge_dir=bridge_dir, quiet=quiet)
     record: dict[str, Any] = {
         "model_id": source.model_id,
@@ -54,20 +81,52 @@ def hf_to_megatron(src: Path, dst: Path, *, output_format: str = "safetensors", 
     }
     options = ConvertOptions(allow_norm_rounding=allow_norm_rounding)
     progress = for_terminal(f"{src.name} -> Megatron", quiet=quiet)
-    return runtime_convert.hf_to_megatron(bridge, src, dst, record=record, options=options, max_shard_bytes=max_shard_bytes, force=force, progress=progress, dequantize_to=getattr(torch, dequantize_to), output_format=output_format)
+    return runtime_convert.hf_to_megatron(
+        bridge,
+        src,
+        dst,
+        record=record,
+        options=options,
+        max_shard_bytes=max_shard_bytes,
+        force=force,
+        progress=progress,
+        dequantize_to=getattr(torch, dequantize_to),
+        output_format=output_format,
+    )
 
 
-def megatron_to_hf(src: Path, dst: Path, *, experts: str | None = None, mtp_experts: str | None = None, fp8: bool = False, bridge_dir: Path | None = None, force: bool = False, max_shard_bytes: int, quiet: bool = False) -> runtime_convert.Report:
+def megatron_to_hf(
+    src: Path,
+    dst: Path,
+    *,
+    experts: str | None = None,
+    mtp_experts: str | None = None,
+    fp8: bool = False,
+    bridge_dir: Path | None = None,
+    force: bool = False,
+    max_shard_bytes: int,
+    quiet: bool = False,
+) -> runtime_convert.Report:
     record = runtime_convert.read_record(src)
     spec = ModelSpec.from_dict(record["spec"])
     spec = _with_layouts(spec, experts, mtp_experts)
     if fp8 and spec.quantization is None:
-        raise ConversionError(f"--fp8: {src} was not converted from an FP8 checkpoint; there is no block size or tensor list to quantise with")
+        raise ConversionError(
+            f"--fp8: {src} was not converted from an FP8 checkpoint; there is no block size or tensor list to quantise with"
+        )
     if not fp8:
         spec = dataclasses.replace(spec, quantization=None)
     bridge = bridge_for_spec(spec, record["model_id"], bridge_dir=bridge_dir, quiet=quiet)
     progress = for_terminal(f"{src.name} -> HF", quiet=quiet)
-    return runtime_convert.megatron_to_hf(bridge, src, dst, max_shard_bytes=max_shard_bytes, force=force, progress=progress, fp8_tensors=record.get("fp8_tensors", ()))
+    return runtime_convert.megatron_to_hf(
+        bridge,
+        src,
+        dst,
+        max_shard_bytes=max_shard_bytes,
+        force=force,
+        progress=progress,
+        fp8_tensors=record.get("fp8_tensors", ()),
+    )
 
 
 def _with_layouts(spec: ModelSpec, experts: str | None, mtp_experts: str | None) -> ModelSpec:
@@ -83,4 +142,3 @@ def _with_layouts(spec: ModelSpec, experts: str | None, mtp_experts: str | None)
             raise ConversionError(f"--mtp-experts {mtp_experts}: this model has no MTP experts")
         changes["mtp_experts_layout"] = mtp_experts
     return dataclasses.replace(spec, **changes) if changes else spec
-

@@ -27,7 +27,9 @@ def schedule(spec: ModelSpec) -> str:
         else:
             runs.append((kind, 1))
     if p == len(types) and len(runs) > 2:
-        counts = ", ".join(f"{types.count(k)} x {MIXER_NAMES[k]}" for k in MIXER_NAMES if k in types)
+        counts = ", ".join(
+            f"{types.count(k)} x {MIXER_NAMES[k]}" for k in MIXER_NAMES if k in types
+        )
         return f"{len(types)} layers, irregular schedule: {counts}"
     block = " + ".join(f"{count} x {MIXER_NAMES[kind]}" for kind, count in runs)
     return f"{len(types)} layers = {len(types) // p} x ({block})"
@@ -36,11 +38,19 @@ def schedule(spec: ModelSpec) -> str:
 def mlp(spec: ModelSpec) -> str:
     parts = []
     if "dense" in spec.mlp_types:
-        where = "every layer" if "moe" not in spec.mlp_types else f"{spec.mlp_types.count('dense')} layers"
+        where = (
+            "every layer"
+            if "moe" not in spec.mlp_types
+            else f"{spec.mlp_types.count('dense')} layers"
+        )
         parts.append(f"dense SwiGLU MLP {spec.dense_intermediate_size} ({where})")
     if spec.moe:
         m = spec.moe
-        where = "every layer" if "dense" not in spec.mlp_types else f"{spec.mlp_types.count('moe')} layers"
+        where = (
+            "every layer"
+            if "dense" not in spec.mlp_types
+            else f"{spec.mlp_types.count('moe')} layers"
+        )
         parts.append(
             f"MoE ({where}): {m.num_experts} experts, top-{m.top_k}, expert {m.expert_intermediate_size}, "
             f"gated shared expert {m.shared_expert_intermediate_size}"
@@ -57,14 +67,18 @@ def mtp(spec: ModelSpec) -> str:
 
 
 def output(spec: ModelSpec) -> str:
-    return "output layer tied to the embedding" if spec.tie_word_embeddings else "untied output layer"
+    return (
+        "output layer tied to the embedding" if spec.tie_word_embeddings else "untied output layer"
+    )
 
 
 def vision(spec: ModelSpec) -> str:
     if not spec.vision:
         return "text only"
     v = spec.vision
-    return f"vision tower {v.depth} x {v.hidden_size} (MLP {v.intermediate_size}, {v.num_heads} heads)"
+    return (
+        f"vision tower {v.depth} x {v.hidden_size} (MLP {v.intermediate_size}, {v.num_heads} heads)"
+    )
 
 
 def layouts(spec: ModelSpec) -> str:
@@ -75,7 +89,9 @@ def layouts(spec: ModelSpec) -> str:
         parts.append(f"MTP experts {spec.mtp_experts_layout}")
     if spec.quantization:
         q = spec.quantization
-        parts.append(f"FP8 {q.fmt} weights in {q.weight_block_size[0]}x{q.weight_block_size[1]} blocks")
+        parts.append(
+            f"FP8 {q.fmt} weights in {q.weight_block_size[0]}x{q.weight_block_size[1]} blocks"
+        )
     return ", ".join(parts)
 
 

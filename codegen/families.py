@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from codegen.errors import CodegenError
 
 Shape = tuple[int, ...]
-PLACEHOLDERS = ("i", "e")  # the first index in a name is the layer (or block), the second the expert
+PLACEHOLDERS = (
+    "i",
+    "e",
+)  # the first index in a name is the layer (or block), the second the expert
 EXPERT_SUFFIXED = ("weight", "bias")  # Megatron appends the expert number: `linear_fc1.weight7`
 
 
@@ -35,7 +38,10 @@ class Family:
 
     def keys(self) -> list[str]:
         """Every name of the family (the product of its ranges)."""
-        return [self.pattern.format(**dict(zip(self.placeholders, combo))) for combo in itertools.product(*self.ranges)]
+        return [
+            self.pattern.format(**dict(zip(self.placeholders, combo)))
+            for combo in itertools.product(*self.ranges)
+        ]
 
 
 def generalise(name: str) -> tuple[str, tuple[int, ...]]:
@@ -51,7 +57,9 @@ def generalise(name: str) -> tuple[str, tuple[int, ...]]:
         if stem and not (n == last and stem in EXPERT_SUFFIXED):
             continue
         if len(indices) == len(PLACEHOLDERS):
-            raise CodegenError(f"tensor {name} has more than {len(PLACEHOLDERS)} indices; key families know {PLACEHOLDERS}")
+            raise CodegenError(
+                f"tensor {name} has more than {len(PLACEHOLDERS)} indices; key families know {PLACEHOLDERS}"
+            )
         indices.append(int(segment[len(stem) :]))
         segments[n] = stem + "{" + PLACEHOLDERS[len(indices) - 1] + "}"
     return ".".join(segments), tuple(indices)
@@ -68,7 +76,9 @@ def families_of(shapes: Mapping[str, Shape]) -> dict[str, Family]:
     families = {}
     for pattern, indices in members.items():
         if len(family_shapes[pattern]) > 1:
-            raise CodegenError(f"key family {pattern} has tensors of different shapes: {sorted(family_shapes[pattern])}")
+            raise CodegenError(
+                f"key family {pattern} has tensors of different shapes: {sorted(family_shapes[pattern])}"
+            )
         (shape,) = family_shapes[pattern]
         ranges = tuple(tuple(sorted(set(column))) for column in zip(*indices))
         families[pattern] = Family(pattern, ranges, len(indices), shape)

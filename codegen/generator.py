@@ -85,7 +85,9 @@ def generate(request: Request) -> Generated:
     options = options_of(request)
     command = command_of(source.ref, options)
     module = request.name or module_name(source.model_id)
-    origin = Origin(source.ref, source.provenance, source.config_sha256, source.index_sha256, command)
+    origin = Origin(
+        source.ref, source.provenance, source.config_sha256, source.index_sha256, command
+    )
     text = render_bridge(spec, source.model_id, origin)
     entry = bridge_index.Entry(
         model_id=source.model_id,
@@ -95,19 +97,32 @@ def generate(request: Request) -> Generated:
         spec_sha256=spec.fingerprint(),
     )
     manifest_text = manifest.of_module(text, module)
-    return Generated(source=source, spec=spec, module=module, text=text, manifest=manifest_text, entry=entry)
+    return Generated(
+        source=source, spec=spec, module=module, text=text, manifest=manifest_text, entry=entry
+    )
 
 
 def write(generated: Generated, out: Path) -> list[Path]:
     """Write the module and its manifest into `out`; in the committed folder, also update the index."""
-    files = {out / f"{generated.module}.py": generated.text, out / manifest.file_name(generated.module): generated.manifest}
+    files = {
+        out / f"{generated.module}.py": generated.text,
+        out / manifest.file_name(generated.module): generated.manifest,
+    }
     if out.resolve() == GENERATED.resolve():
         entries = bridge_index.read(GENERATED)
-        clash = [e for e in entries.values() if e.module == generated.module and e.model_id != generated.entry.model_id]
+        clash = [
+            e
+            for e in entries.values()
+            if e.module == generated.module and e.model_id != generated.entry.model_id
+        ]
         if clash:
-            raise CodegenError(f"module {generated.module} already holds {clash[0].model_id}; pass --name")
+            raise CodegenError(
+                f"module {generated.module} already holds {clash[0].model_id}; pass --name"
+            )
         entries[generated.entry.model_id] = generated.entry
-        files.update({GENERATED / name: text for name, text in bridge_index.render(entries).items()})
+        files.update(
+            {GENERATED / name: text for name, text in bridge_index.render(entries).items()}
+        )
     for path, text in files.items():
         write_atomic(path, text)
     return list(files)
@@ -132,7 +147,13 @@ def check(folder: Path | None = None) -> list[Drift]:
     for entry in entries.values():
         command = command_of(entry.source, entry.options)
         if not _committable(entry.source):
-            drifts.append(Drift(entry.model_id, f"source {entry.source} is neither a catalog id nor a file in the repository", "regenerate from `catalog:ID` or a config inside the repository"))
+            drifts.append(
+                Drift(
+                    entry.model_id,
+                    f"source {entry.source} is neither a catalog id nor a file in the repository",
+                    "regenerate from `catalog:ID` or a config inside the repository",
+                )
+            )
             continue
         try:
             generated = generate(request_of(entry))
@@ -147,15 +168,36 @@ def check(folder: Path | None = None) -> list[Drift]:
         if not path.is_file():
             drifts.append(Drift(f"generated/{name}", "missing", _fix(name, entries)))
         elif path.read_text(encoding="utf-8") != text:
-            drifts.append(Drift(f"generated/{name}", "differs from what the generator produces", _fix(name, entries)))
+            drifts.append(
+                Drift(
+                    f"generated/{name}",
+                    "differs from what the generator produces",
+                    _fix(name, entries),
+                )
+            )
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.name not in expected and not path.name.startswith("."):
-            drifts.append(Drift(f"generated/{path.name}", "not produced by any index entry", f"git rm generated/{path.name}"))
+            drifts.append(
+                Drift(
+                    f"generated/{path.name}",
+                    "not produced by any index entry",
+                    f"git rm generated/{path.name}",
+                )
+            )
     for entry in entries.values():
-        module, manifest_file = folder / f"{entry.module}.py", folder / manifest.file_name(entry.module)
+        module, manifest_file = folder / f"{entry.module}.py", folder / manifest.file_name(
+            entry.module
+        )
         if module.is_file() and manifest_file.is_file():
-            problems = manifest.verify(module.read_text(encoding="utf-8"), manifest_file.read_text(encoding="utf-8"), entry.module)
-            drifts += [Drift(f"generated/{module.name}", problem, command_of(entry.source, entry.options)) for problem in problems]
+            problems = manifest.verify(
+                module.read_text(encoding="utf-8"),
+                manifest_file.read_text(encoding="utf-8"),
+                entry.module,
+            )
+            drifts += [
+                Drift(f"generated/{module.name}", problem, command_of(entry.source, entry.options))
+                for problem in problems
+            ]
     return drifts
 
 
@@ -175,7 +217,10 @@ def request_of_command(command: str) -> Request:
     words = shlex.split(command)
     if words[:2] != ["codegen", "generate"] or len(words) % 2 == 0:
         raise CodegenError(f"not a command that `codegen generate` records: {command!r}")
-    options = {flag.removeprefix("--").replace("-", "_"): value for flag, value in zip(words[3::2], words[4::2])}
+    options = {
+        flag.removeprefix("--").replace("-", "_"): value
+        for flag, value in zip(words[3::2], words[4::2])
+    }
     return _request(words[2], options)
 
 
@@ -183,7 +228,11 @@ def _request(ref: str, opts: dict[str, str]) -> Request:
     return Request(
         ref=ref,
         index=REPO_ROOT / opts["index"] if "index" in opts else None,
-        choices=LayoutChoices(experts=opts.get("experts"), mtp_experts=opts.get("mtp_experts"), hf_prefix=opts.get("hf_prefix")),
+        choices=LayoutChoices(
+            experts=opts.get("experts"),
+            mtp_experts=opts.get("mtp_experts"),
+            hf_prefix=opts.get("hf_prefix"),
+        ),
         name=opts.get("name"),
     )
 

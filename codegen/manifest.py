@@ -35,7 +35,9 @@ def load_bridge(text: str, filename: str) -> BridgeBase:
     """The Bridge of a module's source, run in a fresh namespace: the table exactly as written,
     whatever an earlier import cached. Expanding it needs no torch."""
     namespace: dict[str, Any] = {"__name__": f"_manifest_of_{filename.removesuffix('.py')}"}
-    exec(compile(text, filename, "exec"), namespace)  # noqa: S102 - the repository's own generated code
+    exec(
+        compile(text, filename, "exec"), namespace
+    )  # noqa: S102 - the repository's own generated code
     bridge = namespace.get("Bridge")
     if not (isinstance(bridge, type) and issubclass(bridge, BridgeBase)):
         raise CodegenError(f"{filename} defines no Bridge class (a subclass of BridgeBase)")
@@ -93,8 +95,13 @@ def parse(text: str, name: str) -> Manifest:
     except json.JSONDecodeError as e:
         raise CodegenError(f"{name}: not valid JSON ({e})") from None
     sections = [manifest.get(side) if isinstance(manifest, dict) else None for side in SIDES]
-    if not all(isinstance(section, dict) and isinstance(section.get("families"), dict) for section in sections):
-        raise CodegenError(f"{name}: not a key manifest (expected an object with {' and '.join(SIDES)} sections of families)")
+    if not all(
+        isinstance(section, dict) and isinstance(section.get("families"), dict)
+        for section in sections
+    ):
+        raise CodegenError(
+            f"{name}: not a key manifest (expected an object with {' and '.join(SIDES)} sections of families)"
+        )
     return manifest
 
 

@@ -12,7 +12,13 @@ class TerminalProgress(Progress):
 
     def __init__(self, description: str) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
         from rich.progress import Progress as RichProgress
 
         self._description = description
@@ -30,7 +36,9 @@ class TerminalProgress(Progress):
 
     def start(self, tensors: int, total_bytes: int) -> None:
         self._bar.start()
-        self._task = self._bar.add_task(self._description, total=total_bytes, done=0, tensors=tensors)
+        self._task = self._bar.add_task(
+            self._description, total=total_bytes, done=0, tensors=tensors
+        )
 
     def advance(self, tensors: int, nbytes: int) -> None:
         self._done += tensors

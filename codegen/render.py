@@ -107,7 +107,10 @@ def _layer_lists(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
     def where(items: tuple[str, ...], kind: str) -> tuple[int, ...]:
         return tuple(i for i, k in enumerate(items) if k == kind)
 
-    lists = [("GDN_LAYERS", where(spec.layer_types, "gdn")), ("ATTENTION_LAYERS", where(spec.layer_types, "attention"))]
+    lists = [
+        ("GDN_LAYERS", where(spec.layer_types, "gdn")),
+        ("ATTENTION_LAYERS", where(spec.layer_types, "attention")),
+    ]
     if "dense" in spec.mlp_types:
         lists.append(("DENSE_MLP_LAYERS", where(spec.mlp_types, "dense")))
     if "moe" in spec.mlp_types:
@@ -141,23 +144,27 @@ def render_bridge(spec: ModelSpec, model_id: str, origin: Origin) -> str:
     if spec.needs_mtp_experts_choice:
         raise ValueError("the MTP experts layout must be decided before rendering")
     quantization = repr(asdict(spec.quantization)) if spec.quantization else "None"
-    text = _environment().get_template("bridge.py.j2").render(
-        banner=banner(origin),
-        model_id=model_id,
-        summary=describe.one_line(spec),
-        layouts=describe.layouts(spec),
-        provenance=origin.provenance,
-        notes=spec.notes,
-        spec=spec,
-        spec_sha256=spec.fingerprint(),
-        megatron_core_series=MEGATRON_CORE_SERIES,
-        mapping_kinds=kinds,
-        splits=splits,
-        dims_kinds=dims,
-        layer_lists=_layer_lists(spec),
-        meg=spec.megatron_prefix,
-        hf=spec.hf_prefix,
-        quantization=quantization,
+    text = (
+        _environment()
+        .get_template("bridge.py.j2")
+        .render(
+            banner=banner(origin),
+            model_id=model_id,
+            summary=describe.one_line(spec),
+            layouts=describe.layouts(spec),
+            provenance=origin.provenance,
+            notes=spec.notes,
+            spec=spec,
+            spec_sha256=spec.fingerprint(),
+            megatron_core_series=MEGATRON_CORE_SERIES,
+            mapping_kinds=kinds,
+            splits=splits,
+            dims_kinds=dims,
+            layer_lists=_layer_lists(spec),
+            meg=spec.megatron_prefix,
+            hf=spec.hf_prefix,
+            quantization=quantization,
+        )
     )
     return format_python(text)
 

@@ -19,7 +19,11 @@ from codegen.sources import Source
 from codegen.spec.model import ModelSpec
 from codegen.spec_diff import spec_changes
 
-BANNER_FIELDS = {"source": "# Source: ", "config sha256": "# config sha256: ", "index sha256": "# index sha256: "}
+BANNER_FIELDS = {
+    "source": "# Source: ",
+    "config sha256": "# config sha256: ",
+    "index sha256": "# index sha256: ",
+}
 REGENERATE = "# Regenerate: "
 
 
@@ -48,7 +52,14 @@ def load(arg: str) -> Side:
         return Side(arg, text, table, spec, source, table["spec_sha256"])
     generated = generator.generate(generator.Request(ref=arg))
     table = manifest.parse(generated.manifest, generated.module)
-    return Side(f"generated/{generated.module}.py", generated.text, table, generated.spec, generated.source, generated.spec.fingerprint())
+    return Side(
+        f"generated/{generated.module}.py",
+        generated.text,
+        table,
+        generated.spec,
+        generated.source,
+        generated.spec.fingerprint(),
+    )
 
 
 def _banner(text: str) -> dict[str, str]:
@@ -119,15 +130,24 @@ def _manifest_lines(old: Manifest, new: Manifest) -> Iterator[str]:
             continue
         yield f"{name}: {counts}; key set sha256 {'unchanged' if same_keys else 'changed'}"
         yield from _family_lines(mine, old[side]["families"], new[side]["families"])
-    parameters = [(f.removeprefix("parameters."), x, y) for f, x, y in manifest.field_changes(old, new) if f.startswith("parameters.")]
+    parameters = [
+        (f.removeprefix("parameters."), x, y)
+        for f, x, y in manifest.field_changes(old, new)
+        if f.startswith("parameters.")
+    ]
     if parameters:
         yield "parameters:"
         yield from (f"  {component}: {x:,} -> {y:,}" for component, x, y in parameters)
 
 
-def _family_lines(changes: list[manifest.Change], old: dict[str, Any], new: dict[str, Any]) -> Iterator[str]:
+def _family_lines(
+    changes: list[manifest.Change], old: dict[str, Any], new: dict[str, Any]
+) -> Iterator[str]:
     """Added and removed families in full, index range changes grouped, then each re-shaped family."""
-    of = {what: [c for c in changes if c.what == what] for what in ("added", "removed", "ranges", "count", "shape")}
+    of = {
+        what: [c for c in changes if c.what == what]
+        for what in ("added", "removed", "ranges", "count", "shape")
+    }
     yield from (f"  added {c.pattern} ({_entry(new[c.pattern])})" for c in of["added"])
     yield from (f"  removed {c.pattern} ({_entry(old[c.pattern])})" for c in of["removed"])
     ranged: dict[tuple[str, str], list[str]] = {}
@@ -142,12 +162,15 @@ def _family_lines(changes: list[manifest.Change], old: dict[str, Any], new: dict
 
 def _entry(entry: dict[str, Any]) -> str:
     ranges = ", ".join(f"{p} {entry[p]}" for p in PLACEHOLDERS if p in entry)
-    return f"{ranges + ', ' if ranges else ''}{entry['count']} tensors, shape {tuple(entry['shape'])}"
+    return (
+        f"{ranges + ', ' if ranges else ''}{entry['count']} tensors, shape {tuple(entry['shape'])}"
+    )
 
 
 def _code_diff(old: Side, new: Side) -> list[str]:
     a, b = (f"{prefix}/{side.label.lstrip('/')}" for prefix, side in (("a", old), ("b", new)))
-    lines = difflib.unified_diff(old.text.splitlines(keepends=True), new.text.splitlines(keepends=True), a, b)
+    lines = difflib.unified_diff(
+        old.text.splitlines(keepends=True), new.text.splitlines(keepends=True), a, b
+    )
     text = "".join(lines)
     return ["```diff", text.rstrip("\n"), "```"] if text else ["identical"]
-

@@ -111,10 +111,17 @@ def _from_hub(repo_id: str, index: Path | None) -> Source | None:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     reachable = False
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {
+        "1",
+        "ON",
+        "YES",
+        "TRUE",
+    }
     if not offline:
         try:
-            huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo_id, CONFIG_NAME), timeout=5)
+            huggingface_hub.get_hf_file_metadata(
+                huggingface_hub.hf_hub_url(repo_id, CONFIG_NAME), timeout=5
+            )
             reachable = True
         except HfHubHTTPError:
             return None  # the hub answered: no such repository or file there
@@ -123,7 +130,9 @@ def _from_hub(repo_id: str, index: Path | None) -> Source | None:
 
     def download(filename: str) -> Path | None:
         try:
-            return Path(huggingface_hub.hf_hub_download(repo_id, filename, local_files_only=not reachable))
+            return Path(
+                huggingface_hub.hf_hub_download(repo_id, filename, local_files_only=not reachable)
+            )
         except (LocalEntryNotFoundError, HfHubHTTPError):
             return None
 
@@ -159,7 +168,9 @@ def _read_config(path: Path) -> tuple[dict[str, Any], str]:
 
 def sha256_of_config(config: dict[str, Any]) -> str:
     """sha256 of the config's canonical JSON, so re-flowed copies of one config agree."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 def _index_beside(directory: Path) -> tuple[dict[str, str] | None, str | None]:

@@ -10,7 +10,13 @@ from codegen import describe
 from codegen.families import format_ranges
 from codegen.spec.model import ModelSpec
 
-LAYOUT_FIELDS = ("hf_prefix", "experts_layout", "mtp_experts_layout", "tie_word_embeddings", "quantization")
+LAYOUT_FIELDS = (
+    "hf_prefix",
+    "experts_layout",
+    "mtp_experts_layout",
+    "tie_word_embeddings",
+    "quantization",
+)
 SCHEDULE_FIELDS = ("layer_types", "mlp_types")
 KIND_NAMES = describe.MIXER_NAMES | {"dense": "dense MLP", "moe": "MoE"}
 
@@ -28,7 +34,10 @@ class SpecChanges:
 def spec_changes(old: ModelSpec, new: ModelSpec) -> SpecChanges:
     a, b = old.to_dict(), new.to_dict()
     skipped = {"notes", *LAYOUT_FIELDS, *SCHEDULE_FIELDS}
-    fields = _value_changes({k: v for k, v in a.items() if k not in skipped}, {k: v for k, v in b.items() if k not in skipped})
+    fields = _value_changes(
+        {k: v for k, v in a.items() if k not in skipped},
+        {k: v for k, v in b.items() if k not in skipped},
+    )
     layouts = _value_changes({k: a[k] for k in LAYOUT_FIELDS}, {k: b[k] for k in LAYOUT_FIELDS})
     return SpecChanges(fields, _layer_changes(old, new), layouts)
 
@@ -36,7 +45,9 @@ def spec_changes(old: ModelSpec, new: ModelSpec) -> SpecChanges:
 def _value_changes(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
     """`name: old -> new` for each differing value; nested specs compared field by field."""
     lines = []
-    for key in sorted(a, key=lambda k: isinstance(a[k], dict) or isinstance(b[k], dict)):  # scalars first
+    for key in sorted(
+        a, key=lambda k: isinstance(a[k], dict) or isinstance(b[k], dict)
+    ):  # scalars first
         x, y = a[key], b[key]
         if isinstance(x, dict) and isinstance(y, dict):
             lines += _value_changes(x, y, f"{prefix}{key}.")
@@ -70,7 +81,9 @@ def _layer_changes(old: ModelSpec, new: ModelSpec) -> list[str]:
                 moved.setdefault((x, y), []).append(i)
         for (x, y), layers in moved.items():
             plural = "s" if len(layers) > 1 else ""
-            lines.append(f"layer{plural} {format_ranges(layers)}: {KIND_NAMES[x]} -> {KIND_NAMES[y]}")
+            lines.append(
+                f"layer{plural} {format_ranges(layers)}: {KIND_NAMES[x]} -> {KIND_NAMES[y]}"
+            )
     return lines
 
 

@@ -48,7 +48,11 @@ def render(generated: generator.Generated) -> str:
         *(["**Notes:**", *(f"- {note}" for note in spec.notes), ""] if spec.notes else []),
         "| Component | Parameters |",
         "|---|---:|",
-        *(f"| {COMPONENT_TITLES[name]} | {count:,} |" for name, count in data["parameters"].items() if count and name != "total"),
+        *(
+            f"| {COMPONENT_TITLES[name]} | {count:,} |"
+            for name, count in data["parameters"].items()
+            if count and name != "total"
+        ),
         f"| **total** | **{data['parameters']['total']:,}** ({data['parameters']['total'] / 1e9:.2f} B) |",
         "",
         f"**Key manifest** (`generated/{manifest.file_name(generated.module)}`): "
@@ -76,12 +80,22 @@ def _layer_rows(spec: ModelSpec) -> list[str]:
     kinds = Counter(zip(spec.layer_types, spec.mlp_types))
     rows = []
     for (mixer, mlp), count in kinds.items():
-        layers = [i for i, kind in enumerate(zip(spec.layer_types, spec.mlp_types)) if kind == (mixer, mlp)]
-        rows.append(f"| {describe.MIXER_NAMES[mixer]} + {MLP_NAMES[mlp]} | {count} | {format_ranges(layers)} |")
+        layers = [
+            i
+            for i, kind in enumerate(zip(spec.layer_types, spec.mlp_types))
+            if kind == (mixer, mlp)
+        ]
+        rows.append(
+            f"| {describe.MIXER_NAMES[mixer]} + {MLP_NAMES[mlp]} | {count} | {format_ranges(layers)} |"
+        )
     if spec.mtp_layers:
-        rows.append(f"| MTP: gated attention + {MLP_NAMES[spec.mtp_mlp_type or 'dense']} | {spec.mtp_layers} | {format_ranges(range(spec.mtp_layers))} |")
+        rows.append(
+            f"| MTP: gated attention + {MLP_NAMES[spec.mtp_mlp_type or 'dense']} | {spec.mtp_layers} | {format_ranges(range(spec.mtp_layers))} |"
+        )
     if spec.vision:
-        rows.append(f"| vision blocks ({spec.vision.hidden_size} wide) | {spec.vision.depth} | {format_ranges(range(spec.vision.depth))} |")
+        rows.append(
+            f"| vision blocks ({spec.vision.hidden_size} wide) | {spec.vision.depth} | {format_ranges(range(spec.vision.depth))} |"
+        )
     return rows
 
 
@@ -94,7 +108,8 @@ def _layout_rows(spec: ModelSpec) -> list[str]:
     rows = {
         "HF prefix": f"`{spec.hf_prefix}`",
         "routed experts (decoder)": spec.experts_layout or "none (dense)",
-        "MTP experts": spec.mtp_experts_layout or ("none (dense MTP)" if spec.mtp_layers else "no MTP layer"),
+        "MTP experts": spec.mtp_experts_layout
+        or ("none (dense MTP)" if spec.mtp_layers else "no MTP layer"),
         "output layer": "tied to the embedding" if spec.tie_word_embeddings else "untied",
         "quantization": quantization,
     }

@@ -31,7 +31,15 @@ class Verdict:
         return max((self.logits_delta, *self.mtp_deltas)) <= self.tolerance
 
 
-def verify(hf_dir: Path, megatron_dir: Path, *, tokens: int = 80, seed: int = 0, tolerance: float = DEFAULT_TOLERANCE, quiet: bool = False) -> Verdict:
+def verify(
+    hf_dir: Path,
+    megatron_dir: Path,
+    *,
+    tokens: int = 80,
+    seed: int = 0,
+    tolerance: float = DEFAULT_TOLERANCE,
+    quiet: bool = False,
+) -> Verdict:
     """Both models in fp32 on a prompt of `tokens` tokens (longer than GDN's chunk of 64 by
     default): random text, and for a VL model one synthetic image within it."""
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
@@ -53,9 +61,13 @@ def verify(hf_dir: Path, megatron_dir: Path, *, tokens: int = 80, seed: int = 0,
 
     config = json.loads((Path(hf_dir) / "config.json").read_text())
     if spec.is_vl:
-        prompt: MultimodalInputs | torch.Tensor = _vl_prompt(config, spec.vision.spatial_merge_size, tokens=tokens, seed=seed)
+        prompt: MultimodalInputs | torch.Tensor = _vl_prompt(
+            config, spec.vision.spatial_merge_size, tokens=tokens, seed=seed
+        )
     else:
-        prompt = torch.randint(0, spec.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
+        prompt = torch.randint(
+            0, spec.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed)
+        )
     use_torch_gdn_kernels()
     hf = hf_model_class(config).from_pretrained(hf_dir, dtype=torch.float32).eval()
     with CheckpointReader(Path(hf_dir)) as reader:
@@ -91,5 +103,9 @@ def _vl_prompt(config: dict[str, Any], merge: int, *, tokens: int, seed: int) ->
     t, rows, cols = IMAGE_TOKENS_THW
     image_tokens = t * rows * cols + 2  # and its start and end markers
     if tokens <= image_tokens:
-        raise CodegenError(f"--tokens {tokens}: a VL prompt needs more than {image_tokens} tokens (the image and its markers)")
-    return synthetic_prompt(config, [(t, rows * merge, cols * merge)], text_tokens=tokens - image_tokens, seed=seed)
+        raise CodegenError(
+            f"--tokens {tokens}: a VL prompt needs more than {image_tokens} tokens (the image and its markers)"
+        )
+    return synthetic_prompt(
+        config, [(t, rows * merge, cols * merge)], text_tokens=tokens - image_tokens, seed=seed
+    )

@@ -35,11 +35,30 @@ class Variant:
 
 VARIANTS = {
     "dense-text": Variant("Qwen/Qwen3.6-27B", {"text_only": True, "text_prefix": "model"}),
-    "moe-text": Variant("Qwen/Qwen3.5-35B-A3B", {"text_only": True, "text_prefix": "model.language_model", "experts_layout": "packed", "mtp_experts_layout": "per_expert"}),
+    "moe-text": Variant(
+        "Qwen/Qwen3.5-35B-A3B",
+        {
+            "text_only": True,
+            "text_prefix": "model.language_model",
+            "experts_layout": "packed",
+            "mtp_experts_layout": "per_expert",
+        },
+    ),
     "dense-vl": Variant("Qwen/Qwen3.6-27B"),
-    "moe-vl-mtp-per-expert": Variant("Qwen/Qwen3.5-35B-A3B", {"experts_layout": "packed", "mtp_experts_layout": "per_expert"}),
-    "moe-vl-mtp-packed": Variant("Qwen/Qwen3.5-35B-A3B", {"experts_layout": "packed", "mtp_experts_layout": "packed"}),
-    "qwen3-next": Variant("Qwen/Qwen3-Next-80B-A3B-Instruct", {"experts_layout": "per_expert", "mtp_experts_layout": "per_expert", "mtp_in_separate_shard": True}),
+    "moe-vl-mtp-per-expert": Variant(
+        "Qwen/Qwen3.5-35B-A3B", {"experts_layout": "packed", "mtp_experts_layout": "per_expert"}
+    ),
+    "moe-vl-mtp-packed": Variant(
+        "Qwen/Qwen3.5-35B-A3B", {"experts_layout": "packed", "mtp_experts_layout": "packed"}
+    ),
+    "qwen3-next": Variant(
+        "Qwen/Qwen3-Next-80B-A3B-Instruct",
+        {
+            "experts_layout": "per_expert",
+            "mtp_experts_layout": "per_expert",
+            "mtp_in_separate_shard": True,
+        },
+    ),
     "tied": Variant("Qwen/Qwen3.5-4B"),
 }
 
@@ -53,9 +72,21 @@ class Converted:
 
 
 def convert(tmp: Path, variant: Variant, seed: int = 7) -> Converted:
-    checkpoint = make_checkpoint(tmp / "hf", catalog.entry(variant.model_id).config, seed=seed, **variant.options)
+    checkpoint = make_checkpoint(
+        tmp / "hf", catalog.entry(variant.model_id).config, seed=seed, **variant.options
+    )
     bridges = tmp / "bridges"
-    code = main(["convert", "hf-to-megatron", str(checkpoint.path), str(tmp / "megatron"), "--bridge-dir", str(bridges), "--quiet"])
+    code = main(
+        [
+            "convert",
+            "hf-to-megatron",
+            str(checkpoint.path),
+            str(tmp / "megatron"),
+            "--bridge-dir",
+            str(bridges),
+            "--quiet",
+        ]
+    )
     assert code == 0
     bridge, spec, _ = bridge_for_checkpoint(checkpoint.path, bridge_dir=bridges, quiet=True)
     return Converted(checkpoint, tmp / "megatron", bridge, spec)
@@ -84,7 +115,9 @@ def hf_logits(checkpoint: TinyCheckpoint, ids: torch.Tensor) -> tuple[torch.Tens
         return model(input_ids=ids).logits, reference_mtp_logits(model, checkpoint.mtp, ids)
 
 
-def test_megatron_keys_are_exactly_the_models_parameters(converted: Converted, parallel_state) -> None:
+def test_megatron_keys_are_exactly_the_models_parameters(
+    converted: Converted, parallel_state
+) -> None:
     from codegen.runtime.live import global_parameters
 
     model = converted.bridge.build_model(**parallel_state)
@@ -95,8 +128,13 @@ def test_megatron_keys_are_exactly_the_models_parameters(converted: Converted, p
     with CheckpointReader(converted.megatron_dir) as reader:
         language_model = {k for k in reader.names() if k.startswith(prefix)}
         vision = reader.names() - language_model
-    assert language_model == parameters, (sorted(language_model - parameters)[:3], sorted(parameters - language_model)[:3])
-    assert all(k.startswith("vision_model.") for k in vision) and bool(vision) == converted.spec.is_vl
+    assert language_model == parameters, (
+        sorted(language_model - parameters)[:3],
+        sorted(parameters - language_model)[:3],
+    )
+    assert (
+        all(k.startswith("vision_model.") for k in vision) and bool(vision) == converted.spec.is_vl
+    )
 
 
 def test_logits_and_mtp_logits_equal_hf(converted: Converted, parallel_state) -> None:
@@ -112,7 +150,9 @@ def test_logits_and_mtp_logits_equal_hf(converted: Converted, parallel_state) ->
     assert (mtp[0] - expected_mtp).abs().max().item() <= TOLERANCE
 
 
-def test_loading_hf_directly_equals_loading_the_converted_files(converted: Converted, parallel_state) -> None:
+def test_loading_hf_directly_equals_loading_the_converted_files(
+    converted: Converted, parallel_state
+) -> None:
     direct = converted.bridge.build_model(**parallel_state)
     converted.bridge.load_hf(direct, converted.checkpoint.path)
     from_files = converted.bridge.build_model(**parallel_state)
@@ -125,7 +165,9 @@ def test_live_export_is_bit_identical(converted: Converted, parallel_state) -> N
     model = converted.bridge.build_model(**parallel_state)
     converted.bridge.load_hf(model, converted.checkpoint.path)
     exported = converted.bridge.export_hf(model)
-    language_model = {k: v for k, v in converted.checkpoint.state.items() if not k.startswith("model.visual.")}
+    language_model = {
+        k: v for k, v in converted.checkpoint.state.items() if not k.startswith("model.visual.")
+    }
     assert set(exported) == set(language_model)
     for name, tensor in language_model.items():
         assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
@@ -133,14 +175,35 @@ def test_live_export_is_bit_identical(converted: Converted, parallel_state) -> N
 
 def test_round_trip_on_disk_is_bit_identical(converted: Converted, tmp_path: Path) -> None:
     back = tmp_path / "back"
-    assert main(["convert", "megatron-to-hf", str(converted.megatron_dir), str(back), "--bridge-dir", str(tmp_path / "bridges"), "--quiet"]) == 0
-    assert (back / "config.json").read_bytes() == (converted.checkpoint.path / "config.json").read_bytes()
-    with CheckpointReader(converted.checkpoint.path) as original, CheckpointReader(back) as exported:
+    assert (
+        main(
+            [
+                "convert",
+                "megatron-to-hf",
+                str(converted.megatron_dir),
+                str(back),
+                "--bridge-dir",
+                str(tmp_path / "bridges"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (back / "config.json").read_bytes() == (
+        converted.checkpoint.path / "config.json"
+    ).read_bytes()
+    with (
+        CheckpointReader(converted.checkpoint.path) as original,
+        CheckpointReader(back) as exported,
+    ):
         assert exported.names() == original.names()
         for name in original.names():
             a, b = original.get(name), exported.get(name)
             assert a.dtype == b.dtype and a.shape == b.shape, name
-            assert a.contiguous().view(torch.uint8).numpy().tobytes() == b.contiguous().view(torch.uint8).numpy().tobytes(), name
+            assert (
+                a.contiguous().view(torch.uint8).numpy().tobytes()
+                == b.contiguous().view(torch.uint8).numpy().tobytes()
+            ), name
 
 
 def test_hf_export_is_sharded_indexed_and_loadable(tmp_path: Path) -> None:
@@ -151,12 +214,30 @@ def test_hf_export_is_sharded_indexed_and_loadable(tmp_path: Path) -> None:
     from codegen.testing import hf_model_class, use_torch_gdn_kernels
 
     variant = VARIANTS["moe-vl-mtp-packed"]
-    checkpoint = make_checkpoint(tmp_path / "hf", catalog.entry(variant.model_id).config, seed=3, **variant.options)
+    checkpoint = make_checkpoint(
+        tmp_path / "hf", catalog.entry(variant.model_id).config, seed=3, **variant.options
+    )
     generation = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}
     (checkpoint.path / "generation_config.json").write_text(json.dumps(generation))
     args = ["--bridge-dir", str(tmp_path / "bridges"), "--quiet"]
-    assert main(["convert", "hf-to-megatron", str(checkpoint.path), str(tmp_path / "megatron"), *args]) == 0
-    assert main(["convert", "megatron-to-hf", str(tmp_path / "megatron"), str(tmp_path / "back"), "--max-shard-size", "200KB", *args]) == 0
+    assert (
+        main(["convert", "hf-to-megatron", str(checkpoint.path), str(tmp_path / "megatron"), *args])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "convert",
+                "megatron-to-hf",
+                str(tmp_path / "megatron"),
+                str(tmp_path / "back"),
+                "--max-shard-size",
+                "200KB",
+                *args,
+            ]
+        )
+        == 0
+    )
     back = tmp_path / "back"
     index = json.loads((back / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -167,7 +248,10 @@ def test_hf_export_is_sharded_indexed_and_loadable(tmp_path: Path) -> None:
         per_shard = {}
         for name, shard in index["weight_map"].items():
             per_shard[shard] = per_shard.get(shard, 0) + sizes[name]
-        assert all(size <= 200_000 or len([n for n, s in index["weight_map"].items() if s == shard]) == 1 for shard, size in per_shard.items())
+        assert all(
+            size <= 200_000 or len([n for n, s in index["weight_map"].items() if s == shard]) == 1
+            for shard, size in per_shard.items()
+        )
     assert json.loads((back / "generation_config.json").read_text()) == generation
     use_torch_gdn_kernels()
     loaded = hf_model_class(checkpoint.config).from_pretrained(back, dtype=torch.float32)

@@ -30,7 +30,14 @@ INDEX = "model.safetensors.index.json"
 def pristine(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("pristine")
     config = catalog.entry("Qwen/Qwen3.5-35B-A3B").config
-    return make_checkpoint(tmp / "hf", config, seed=21, text_only=True, experts_layout="packed", mtp_experts_layout="per_expert").path
+    return make_checkpoint(
+        tmp / "hf",
+        config,
+        seed=21,
+        text_only=True,
+        experts_layout="packed",
+        mtp_experts_layout="per_expert",
+    ).path
 
 
 @pytest.fixture
@@ -54,16 +61,31 @@ def rewrite_shard(path: Path, edit) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
-def convert_fails(source: Path, tmp_path: Path, capsys, *fragments: str, args: tuple[str, ...] = ()) -> None:
+def convert_fails(
+    source: Path, tmp_path: Path, capsys, *fragments: str, args: tuple[str, ...] = ()
+) -> None:
     destination = tmp_path / "out"
-    code = main(["convert", "hf-to-megatron", str(source), str(destination), "--bridge-dir", str(tmp_path / "bridges"), "--quiet", *args])
+    code = main(
+        [
+            "convert",
+            "hf-to-megatron",
+            str(source),
+            str(destination),
+            "--bridge-dir",
+            str(tmp_path / "bridges"),
+            "--quiet",
+            *args,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1, err
     for fragment in fragments:
         assert fragment in err, f"{fragment!r} not in {err!r}"
     assert not destination.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")], "a staging folder was left behind"
+    assert not [
+        p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")
+    ], "a staging folder was left behind"
 
 
 GATE = "model.layers.3.mlp.shared_expert.gate_proj.weight"
@@ -89,7 +111,9 @@ def test_index_names_a_missing_shard(source, tmp_path, capsys):
     index = index_of(source)
     index["weight_map"][GATE] = "model-00009-of-00009.safetensors"
     (source / INDEX).write_text(json.dumps(index))
-    convert_fails(source, tmp_path, capsys, "model-00009-of-00009.safetensors", "does not exist", GATE)
+    convert_fails(
+        source, tmp_path, capsys, "model-00009-of-00009.safetensors", "does not exist", GATE
+    )
 
 
 def test_index_names_a_tensor_its_shard_lacks(source, tmp_path, capsys):
@@ -98,8 +122,13 @@ def test_index_names_a_tensor_its_shard_lacks(source, tmp_path, capsys):
 
 
 def test_shard_holds_a_tensor_the_index_does_not_list(source, tmp_path, capsys):
-    rewrite_shard(shard_of(source, GATE), lambda ts: ts.update({"model.layers.0.stray.weight": torch.zeros(2)}))
-    convert_fails(source, tmp_path, capsys, "model.layers.0.stray.weight", "the index does not list it")
+    rewrite_shard(
+        shard_of(source, GATE),
+        lambda ts: ts.update({"model.layers.0.stray.weight": torch.zeros(2)}),
+    )
+    convert_fails(
+        source, tmp_path, capsys, "model.layers.0.stray.weight", "the index does not list it"
+    )
 
 
 def test_tensor_in_two_shards(source, tmp_path, capsys):
@@ -137,19 +166,62 @@ def test_wrong_dtype_within_a_group(source, tmp_path, capsys):
 
 
 def test_inexact_norm_shift_stops_unless_accepted(source, tmp_path, capsys):
-    rewrite_shard(shard_of(source, NORM), lambda ts: ts.update({NORM: torch.full_like(ts[NORM], 3e-8)}))
+    rewrite_shard(
+        shard_of(source, NORM), lambda ts: ts.update({NORM: torch.full_like(ts[NORM], 3e-8)})
+    )
     convert_fails(source, tmp_path, capsys, NORM, "not exact")
-    assert main(["convert", "hf-to-megatron", str(source), str(tmp_path / "out"), "--bridge-dir", str(tmp_path / "bridges"), "--quiet", "--accept-norm-rounding"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "hf-to-megatron",
+                str(source),
+                str(tmp_path / "out"),
+                "--bridge-dir",
+                str(tmp_path / "bridges"),
+                "--quiet",
+                "--accept-norm-rounding",
+            ]
+        )
+        == 0
+    )
 
 
 def test_existing_destination_needs_force(source, tmp_path, capsys):
     destination = tmp_path / "out"
     destination.mkdir()
     (destination / "keep.txt").write_text("mine")
-    assert main(["convert", "hf-to-megatron", str(source), str(destination), "--bridge-dir", str(tmp_path / "bridges"), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                "hf-to-megatron",
+                str(source),
+                str(destination),
+                "--bridge-dir",
+                str(tmp_path / "bridges"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "already exists; pass --force" in capsys.readouterr().err
     assert (destination / "keep.txt").read_text() == "mine"
-    assert main(["convert", "hf-to-megatron", str(source), str(destination), "--bridge-dir", str(tmp_path / "bridges"), "--quiet", "--force"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "hf-to-megatron",
+                str(source),
+                str(destination),
+                "--bridge-dir",
+                str(tmp_path / "bridges"),
+                "--quiet",
+                "--force",
+            ]
+        )
+        == 0
+    )
     assert not (destination / "keep.txt").exists() and (destination / INDEX).is_file()
 
 
@@ -178,8 +250,13 @@ class FullDisk:
 def test_full_disk_leaves_nothing(source, tmp_path):
     bridge, _spec, _ = bridge_for_checkpoint(source, bridge_dir=tmp_path / "bridges", quiet=True)
     destination = tmp_path / "out"
-    with pytest.raises(ConversionError, match=r"model-\d{5}-of-\d{5}\.safetensors: cannot write tensor .*No space left on device"):
-        runtime_convert.hf_to_megatron(bridge, source, destination, record={}, max_shard_bytes=400_000, opener=FullDisk)
+    with pytest.raises(
+        ConversionError,
+        match=r"model-\d{5}-of-\d{5}\.safetensors: cannot write tensor .*No space left on device",
+    ):
+        runtime_convert.hf_to_megatron(
+            bridge, source, destination, record={}, max_shard_bytes=400_000, opener=FullDisk
+        )
     assert not destination.exists() and not list(tmp_path.glob(".out.partial*"))
 
 
@@ -192,8 +269,23 @@ def test_file_size_limit_in_a_real_process(source, tmp_path):
 
     destination = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "codegen", "convert", "hf-to-megatron", str(source), str(destination), "--bridge-dir", str(tmp_path / "bridges"), "--quiet", "--max-shard-size", "1MB"],
-        capture_output=True, text=True, preexec_fn=limit,
+        [
+            sys.executable,
+            "-m",
+            "codegen",
+            "convert",
+            "hf-to-megatron",
+            str(source),
+            str(destination),
+            "--bridge-dir",
+            str(tmp_path / "bridges"),
+            "--quiet",
+            "--max-shard-size",
+            "1MB",
+        ],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
     )
     assert result.returncode == 2, result.stderr
     assert "cannot write tensor" in result.stderr and "File too large" in result.stderr
@@ -202,7 +294,9 @@ def test_file_size_limit_in_a_real_process(source, tmp_path):
 
 def test_fp8_scale_faults(tmp_path, capsys):
     config = catalog.entry("Qwen/Qwen3-Next-80B-A3B-Instruct-FP8").config
-    path = make_checkpoint(tmp_path / "fp8", config, seed=4, experts_layout="per_expert", dtype=torch.bfloat16).path
+    path = make_checkpoint(
+        tmp_path / "fp8", config, seed=4, experts_layout="per_expert", dtype=torch.bfloat16
+    ).path
     weight = "model.layers.0.mlp.shared_expert.down_proj.weight"
     scale = weight + "_scale_inv"
     shard = shard_of(path, scale)

@@ -23,11 +23,18 @@ BLOCK = 16  # the tiny config's weight_block_size
 def fp8(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fp8")
     config = catalog.entry("Qwen/Qwen3-Next-80B-A3B-Instruct-FP8").config
-    checkpoint = make_checkpoint(tmp / "hf", config, seed=8, experts_layout="per_expert", dtype=torch.bfloat16)
+    checkpoint = make_checkpoint(
+        tmp / "hf", config, seed=8, experts_layout="per_expert", dtype=torch.bfloat16
+    )
     args = ["--bridge-dir", str(tmp / "bridges"), "--quiet"]
-    assert main(["convert", "hf-to-megatron", str(checkpoint.path), str(tmp / "megatron"), *args]) == 0
+    assert (
+        main(["convert", "hf-to-megatron", str(checkpoint.path), str(tmp / "megatron"), *args]) == 0
+    )
     assert main(["convert", "megatron-to-hf", str(tmp / "megatron"), str(tmp / "bf16"), *args]) == 0
-    assert main(["convert", "megatron-to-hf", str(tmp / "megatron"), str(tmp / "fp8"), "--fp8", *args]) == 0
+    assert (
+        main(["convert", "megatron-to-hf", str(tmp / "megatron"), str(tmp / "fp8"), "--fp8", *args])
+        == 0
+    )
     return tmp, checkpoint
 
 
@@ -37,7 +44,9 @@ def test_the_source_really_is_fp8(fp8):
         quantized = [n for n in reader.names() if reader.dtype(n) == torch.float8_e4m3fn]
         scales = [n for n in reader.names() if n.endswith("_scale_inv")]
     assert quantized and len(quantized) == len(scales)
-    assert json.loads((checkpoint.path / "config.json").read_text())["quantization_config"]["weight_block_size"] == [BLOCK, BLOCK]
+    assert json.loads((checkpoint.path / "config.json").read_text())["quantization_config"][
+        "weight_block_size"
+    ] == [BLOCK, BLOCK]
 
 
 def test_record_lists_the_fp8_tensors(fp8):
@@ -63,13 +72,22 @@ def test_fp8_export_quantises_the_same_tensors_again(fp8):
     with CheckpointReader(checkpoint.path) as original, CheckpointReader(tmp / "fp8") as exported:
         assert exported.names() == original.names()
         for name in original.names():
-            assert exported.dtype(name) == original.dtype(name) and exported.shape(name) == original.shape(name), name
+            assert exported.dtype(name) == original.dtype(name) and exported.shape(
+                name
+            ) == original.shape(name), name
     with CheckpointReader(tmp / "fp8") as exported:
-        again = dequantize_fp8_blockwise({n: exported.get(n) for n in checkpoint.state}, block=BLOCK, dtype=torch.float32)
+        again = dequantize_fp8_blockwise(
+            {n: exported.get(n) for n in checkpoint.state}, block=BLOCK, dtype=torch.float32
+        )
     first = dequantize_fp8_blockwise(checkpoint.state, block=BLOCK, dtype=torch.float32)
     for name, tensor in first.items():
-        assert torch.allclose(again[name], tensor, rtol=0.07, atol=1e-6), name  # within e4m3 rounding
-    assert json.loads((tmp / "fp8" / "config.json").read_text())["quantization_config"]["fmt"] == "e4m3"
+        assert torch.allclose(
+            again[name], tensor, rtol=0.07, atol=1e-6
+        ), name  # within e4m3 rounding
+    assert (
+        json.loads((tmp / "fp8" / "config.json").read_text())["quantization_config"]["fmt"]
+        == "e4m3"
+    )
 
 
 def test_converted_fp8_model_computes_the_dequantised_model(fp8):
@@ -97,9 +115,26 @@ def test_converted_fp8_model_computes_the_dequantised_model(fp8):
 
 
 def test_fp8_export_needs_an_fp8_source(tmp_path: Path, capsys):
-    checkpoint = make_checkpoint(tmp_path / "hf", catalog.entry("Qwen/Qwen3.6-27B").config, seed=1, text_only=True)
+    checkpoint = make_checkpoint(
+        tmp_path / "hf", catalog.entry("Qwen/Qwen3.6-27B").config, seed=1, text_only=True
+    )
     args = ["--bridge-dir", str(tmp_path / "bridges"), "--quiet"]
-    assert main(["convert", "hf-to-megatron", str(checkpoint.path), str(tmp_path / "megatron"), *args]) == 0
-    assert main(["convert", "megatron-to-hf", str(tmp_path / "megatron"), str(tmp_path / "back"), "--fp8", *args]) == 2
+    assert (
+        main(["convert", "hf-to-megatron", str(checkpoint.path), str(tmp_path / "megatron"), *args])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "convert",
+                "megatron-to-hf",
+                str(tmp_path / "megatron"),
+                str(tmp_path / "back"),
+                "--fp8",
+                *args,
+            ]
+        )
+        == 2
+    )
     assert "was not converted from an FP8 checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "back").exists()

@@ -50,10 +50,17 @@ def hf_on_disk_shapes(model_id: str, experts_layout: str | None) -> dict[str, tu
 @pytest.mark.parametrize("model_id", MODEL_IDS)
 def test_hf_model_matches_the_bridge(model_id: str) -> None:
     bridge = bridge_of(model_id)
-    spec_layout = "per_expert" if any(".experts.0.gate_proj" in k and not k.startswith("mtp.") for k in bridge.hf_shapes) else "packed"
+    spec_layout = (
+        "per_expert"
+        if any(".experts.0.gate_proj" in k and not k.startswith("mtp.") for k in bridge.hf_shapes)
+        else "packed"
+    )
     hf = hf_on_disk_shapes(model_id, spec_layout)
     decoder_side = {k: v for k, v in bridge.hf_shapes.items() if not k.startswith("mtp.")}
-    assert set(decoder_side) == set(hf), (sorted(set(decoder_side) - set(hf))[:3], sorted(set(hf) - set(decoder_side))[:3])
+    assert set(decoder_side) == set(hf), (
+        sorted(set(decoder_side) - set(hf))[:3],
+        sorted(set(hf) - set(decoder_side))[:3],
+    )
     for name, shape in hf.items():
         assert decoder_side[name] == shape, name
 
@@ -62,14 +69,36 @@ def test_hf_model_matches_the_bridge(model_id: str) -> None:
 def test_mtp_layer_has_the_last_decoder_layers_shapes(model_id: str) -> None:
     """transformers has no MTP module: the MTP layer is held against the last decoder layer."""
     bridge = bridge_of(model_id)
-    last = max(int(m.group(1)) for k in bridge.hf_shapes if (m := re.search(r"layers\.(\d+)\.", k)) and not k.startswith("mtp."))
-    prefix = next(k for k in bridge.hf_shapes if k.endswith("embed_tokens.weight")).removesuffix("embed_tokens.weight")
-    decoder = {k.removeprefix(f"{prefix}layers.{last}."): v for k, v in bridge.hf_shapes.items() if k.startswith(f"{prefix}layers.{last}.")}
-    mtp_layer = {k.removeprefix("mtp.layers.0."): v for k, v in bridge.hf_shapes.items() if k.startswith("mtp.layers.0.")}
-    canonical = lambda shapes: sorted(v for k, v in shapes.items())  # noqa: E731 - layouts may differ in names
-    assert sum(torch.Size(s).numel() for s in decoder.values()) == sum(torch.Size(s).numel() for s in mtp_layer.values())
-    assert {k for k in mtp_layer if ".experts." not in k} == {k for k in decoder if ".experts." not in k}
-    assert canonical({k: v for k, v in mtp_layer.items() if ".experts." not in k}) == canonical({k: v for k, v in decoder.items() if ".experts." not in k})
+    last = max(
+        int(m.group(1))
+        for k in bridge.hf_shapes
+        if (m := re.search(r"layers\.(\d+)\.", k)) and not k.startswith("mtp.")
+    )
+    prefix = next(k for k in bridge.hf_shapes if k.endswith("embed_tokens.weight")).removesuffix(
+        "embed_tokens.weight"
+    )
+    decoder = {
+        k.removeprefix(f"{prefix}layers.{last}."): v
+        for k, v in bridge.hf_shapes.items()
+        if k.startswith(f"{prefix}layers.{last}.")
+    }
+    mtp_layer = {
+        k.removeprefix("mtp.layers.0."): v
+        for k, v in bridge.hf_shapes.items()
+        if k.startswith("mtp.layers.0.")
+    }
+    canonical = lambda shapes: sorted(
+        v for k, v in shapes.items()
+    )  # noqa: E731 - layouts may differ in names
+    assert sum(torch.Size(s).numel() for s in decoder.values()) == sum(
+        torch.Size(s).numel() for s in mtp_layer.values()
+    )
+    assert {k for k in mtp_layer if ".experts." not in k} == {
+        k for k in decoder if ".experts." not in k
+    }
+    assert canonical({k: v for k, v in mtp_layer.items() if ".experts." not in k}) == canonical(
+        {k: v for k, v in decoder.items() if ".experts." not in k}
+    )
     hidden = bridge.hf_shapes[f"{prefix}norm.weight"][0]
     assert bridge.hf_shapes["mtp.fc.weight"] == (hidden, 2 * hidden)
 
@@ -85,11 +114,16 @@ def test_megatron_model_matches_the_bridge(model_id: str) -> None:
         with torch.device("meta"):
             model = bridge.build_model(**parallel)
         prefix = bridge.megatron_prefix
-        params = {k: tuple(copies[0].shape) for k, copies in global_parameters(model, prefix).items()}
+        params = {
+            k: tuple(copies[0].shape) for k, copies in global_parameters(model, prefix).items()
+        }
     finally:
         destroy_parallel()
     expected = {k: v for k, v in bridge.megatron_shapes.items() if k.startswith(prefix)}
-    assert set(params) == set(expected), (sorted(set(params) - set(expected))[:3], sorted(set(expected) - set(params))[:3])
+    assert set(params) == set(expected), (
+        sorted(set(params) - set(expected))[:3],
+        sorted(set(expected) - set(params))[:3],
+    )
     for name, shape in expected.items():
         assert params[name] == shape, name
 
@@ -112,7 +146,10 @@ def test_megatron_vl_model_matches_the_bridge(model_id: str) -> None:
     finally:
         destroy_parallel()
     expected = bridge.megatron_shapes
-    assert set(params) == set(expected), (sorted(set(params) - set(expected))[:3], sorted(set(expected) - set(params))[:3])
+    assert set(params) == set(expected), (
+        sorted(set(params) - set(expected))[:3],
+        sorted(set(expected) - set(params))[:3],
+    )
     assert any(name.startswith("vision_model.decoder.layers.") for name in params)
     for name, shape in expected.items():
         assert params[name] == shape, name

@@ -25,16 +25,32 @@ CONFIG_27B = catalog.entry("Qwen/Qwen3.6-27B").config
 
 def run_codegen(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=full_env, cwd=REPO
+    )
 
 
 def test_generate_is_reproducible_and_never_imports_torch(tmp_path: Path) -> None:
     outputs = []
     for attempt in range(2):
         out = tmp_path / f"out{attempt}"
-        result = run_codegen("-X", "importtime", "-m", "codegen", "generate", "Qwen/Qwen3.5-27B", "--out", str(out), env={"HF_HUB_OFFLINE": "1"})
+        result = run_codegen(
+            "-X",
+            "importtime",
+            "-m",
+            "codegen",
+            "generate",
+            "Qwen/Qwen3.5-27B",
+            "--out",
+            str(out),
+            env={"HF_HUB_OFFLINE": "1"},
+        )
         assert result.returncode == 0, result.stderr
-        imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+        imported = {
+            line.split("|")[-1].strip()
+            for line in result.stderr.splitlines()
+            if line.startswith("import time:")
+        }
         assert not {m for m in imported if m.split(".")[0] in {"torch", "megatron", "transformers"}}
         outputs.append((out / "qwen3_5_27b.py").read_bytes())
         assert not (out / "index.json").exists(), "--out elsewhere writes the module only"
@@ -71,12 +87,17 @@ def test_check_finds_missing_and_extra_files(generated_copy: Path) -> None:
     (generated_copy / "qwen3_5_4b.py").unlink()
     (generated_copy / "hand_written.py").write_text("x = 1\n")
     problems = {d.path: d.problem for d in generator.check(generated_copy)}
-    assert problems == {"generated/qwen3_5_4b.py": "missing", "generated/hand_written.py": "not produced by any index entry"}
+    assert problems == {
+        "generated/qwen3_5_4b.py": "missing",
+        "generated/hand_written.py": "not produced by any index entry",
+    }
 
 
 def test_check_names_sources_outside_the_repository(generated_copy: Path, tmp_path: Path) -> None:
     entries = bridge_index.read(generated_copy)
-    entries["local/model"] = bridge_index.Entry("local/model", "local_model", str(tmp_path / "elsewhere"), "0" * 64)
+    entries["local/model"] = bridge_index.Entry(
+        "local/model", "local_model", str(tmp_path / "elsewhere"), "0" * 64
+    )
     for name, text in bridge_index.render(entries).items():
         (generated_copy / name).write_text(text)
     problems = [d for d in generator.check(generated_copy) if d.path == "local/model"]
@@ -89,15 +110,22 @@ def test_check_cli_reports_and_fails(generated_copy: Path, monkeypatch, capsys) 
     (generated_copy / "qwen3_5_4b.py").write_text("# edited by hand\n")
     assert main(["check"]) == 1
     out = capsys.readouterr().out
-    assert "generated/qwen3_5_4b.py: differs" in out and "fix: codegen generate catalog:Qwen/Qwen3.5-4B" in out
+    assert (
+        "generated/qwen3_5_4b.py: differs" in out
+        and "fix: codegen generate catalog:Qwen/Qwen3.5-4B" in out
+    )
 
 
-def test_generate_into_the_committed_folder_updates_the_index(generated_copy: Path, monkeypatch, tmp_path: Path) -> None:
+def test_generate_into_the_committed_folder_updates_the_index(
+    generated_copy: Path, monkeypatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(generator, "GENERATED", generated_copy)
     (generated_copy / "qwen3_5_9b.py").unlink()
     index_before = (generated_copy / "index.json").read_text()
     assert main(["generate", "catalog:Qwen/Qwen3.5-9B"]) == 0
-    assert (generated_copy / "qwen3_5_9b.py").read_bytes() == (REPO / "generated" / "qwen3_5_9b.py").read_bytes()
+    assert (generated_copy / "qwen3_5_9b.py").read_bytes() == (
+        REPO / "generated" / "qwen3_5_9b.py"
+    ).read_bytes()
     assert (generated_copy / "index.json").read_text() == index_before
     assert generator.check(generated_copy) == []
 
@@ -117,7 +145,12 @@ def test_index_option_overrides(tmp_path: Path, capsys) -> None:
     moe = catalog.entry("Qwen/Qwen3.5-35B-A3B").config
     (tmp_path / "config.json").write_text(json.dumps(moe))
     index = tmp_path / "elsewhere.json"
-    keys = ["model.language_model.embed_tokens.weight", "lm_head.weight", "model.language_model.layers.0.mlp.experts.0.gate_proj.weight", "mtp.layers.0.mlp.experts.gate_up_proj"]
+    keys = [
+        "model.language_model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.language_model.layers.0.mlp.experts.0.gate_proj.weight",
+        "mtp.layers.0.mlp.experts.gate_up_proj",
+    ]
     index.write_text(json.dumps({"weight_map": {k: "a.safetensors" for k in keys}}))
     assert main(["inspect", str(tmp_path), "--index", str(index)]) == 0
     spec = json.loads(capsys.readouterr().out)
@@ -143,8 +176,13 @@ def test_hub_id_from_the_local_hf_cache(tmp_path: Path) -> None:
     config = json.loads(json.dumps(CONFIG_27B))
     config["text_config"]["num_hidden_layers"] = 8
     config["text_config"]["layer_types"] = config["text_config"]["layer_types"][:8]
-    make_hf_cache(tmp_path / "hub", "someone/cached-model", {"config.json": json.dumps(config).encode()})
-    for env in ({"HF_HUB_CACHE": str(tmp_path / "hub")}, {"HF_HOME": str(tmp_path), "HF_HUB_CACHE": ""}):
+    make_hf_cache(
+        tmp_path / "hub", "someone/cached-model", {"config.json": json.dumps(config).encode()}
+    )
+    for env in (
+        {"HF_HUB_CACHE": str(tmp_path / "hub")},
+        {"HF_HOME": str(tmp_path), "HF_HUB_CACHE": ""},
+    ):
         env = {k: v for k, v in env.items()} | {"HF_HUB_OFFLINE": "1"}
         if not env["HF_HUB_CACHE"]:
             del env["HF_HUB_CACHE"]
@@ -203,17 +241,26 @@ def fake_hub() -> Iterator[str]:
 
 def test_hub_id_fetched_from_a_reachable_hub(tmp_path: Path, fake_hub: str) -> None:
     moe = catalog.entry("Qwen/Qwen3.5-35B-A3B").config
-    keys = ["model.language_model.embed_tokens.weight", "lm_head.weight", "model.language_model.layers.0.mlp.experts.gate_up_proj", "mtp.layers.0.mlp.experts.gate_up_proj"]
+    keys = [
+        "model.language_model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.language_model.layers.0.mlp.experts.gate_up_proj",
+        "mtp.layers.0.mlp.experts.gate_up_proj",
+    ]
     FakeHub.files = {
         "Qwen/Qwen3.6-35B-A3B/config.json": json.dumps(moe).encode(),
-        "Qwen/Qwen3.6-35B-A3B/model.safetensors.index.json": json.dumps({"weight_map": {k: "a.safetensors" for k in keys}}).encode(),
+        "Qwen/Qwen3.6-35B-A3B/model.safetensors.index.json": json.dumps(
+            {"weight_map": {k: "a.safetensors" for k in keys}}
+        ).encode(),
     }
     env = {"HF_ENDPOINT": fake_hub, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "0"}
     result = run_codegen("-m", "codegen", "inspect", "Qwen/Qwen3.6-35B-A3B", env=env)
     assert result.returncode == 0, result.stderr
     spec = json.loads(result.stdout)
     assert spec["provenance"] == "the Hugging Face hub"
-    assert spec["mtp_experts_layout"] == "packed", "the index fetched from the hub decides the MTP layout"
+    assert (
+        spec["mtp_experts_layout"] == "packed"
+    ), "the index fetched from the hub decides the MTP layout"
     # The hub wins over the catalog for a catalog id too.
     FakeHub.files["Qwen/Qwen3.5-27B/config.json"] = json.dumps(CONFIG_27B).encode()
     result = run_codegen("-m", "codegen", "inspect", "Qwen/Qwen3.5-27B", env=env)
@@ -242,8 +289,12 @@ def test_a_bridge_refuses_another_megatron_core(monkeypatch) -> None:
     from codegen.runtime.version import require_megatron_core
 
     real = metadata.version
-    monkeypatch.setattr(metadata, "version", lambda name: "0.20.1" if name == "megatron-core" else real(name))
-    with pytest.raises(ImportError, match=r"needs megatron-core 0\.19\.\*, but 0\.20\.1 is installed"):
+    monkeypatch.setattr(
+        metadata, "version", lambda name: "0.20.1" if name == "megatron-core" else real(name)
+    )
+    with pytest.raises(
+        ImportError, match=r"needs megatron-core 0\.19\.\*, but 0\.20\.1 is installed"
+    ):
         require_megatron_core("0.19")
     sys.modules.pop("generated.qwen3_5_4b", None)
     with pytest.raises(ImportError, match="0.20.1"):

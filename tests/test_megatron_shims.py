@@ -12,10 +12,7 @@ from codegen.runtime import megatron_shims
 
 
 def test_installed_megatron_core_is_the_pinned_release() -> None:
-    assert (
-        importlib.metadata.version("megatron-core")
-        == megatron_shims.MEGATRON_CORE_VERSION
-    )
+    assert importlib.metadata.version("megatron-core") == megatron_shims.MEGATRON_CORE_VERSION
     megatron_shims.check_megatron_core_version()
 
 
@@ -36,12 +33,8 @@ def test_patched_and_read_names_exist(module_name: str, attribute: str) -> None:
     assert hasattr(module, attribute), f"{module_name}.{attribute} is gone"
 
 
-@pytest.mark.parametrize(
-    ("module_name", "function", "name"), megatron_shims.PROVIDED_GLOBALS
-)
-def test_provided_globals_are_still_looked_up(
-    module_name: str, function: str, name: str
-) -> None:
+@pytest.mark.parametrize(("module_name", "function", "name"), megatron_shims.PROVIDED_GLOBALS)
+def test_provided_globals_are_still_looked_up(module_name: str, function: str, name: str) -> None:
     module = importlib.import_module(module_name)
     code = inspect.unwrap(getattr(module, function)).__code__
     assert name in code.co_names, f"{module_name}.{function} no longer looks up {name}"
@@ -49,9 +42,7 @@ def test_provided_globals_are_still_looked_up(
 
 def test_gdn_calls_l2norm_through_the_patched_module() -> None:
     common = importlib.import_module("megatron.core.ssm.gated_delta_net.common")
-    source = inspect.getsource(
-        inspect.unwrap(common._GDNBase._prepare_input_for_gated_delta_rule)
-    )
+    source = inspect.getsource(inspect.unwrap(common._GDNBase._prepare_input_for_gated_delta_rule))
     assert "l2norm(" in source
 
 

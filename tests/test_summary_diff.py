@@ -51,19 +51,31 @@ def attention_layers(n: int) -> str:
 def test_diff_of_a_re_release_shows_only_its_record(capsys) -> None:
     spec, keys, code = sections(run(capsys, "diff", "Qwen/Qwen3.5-27B", "Qwen/Qwen3.6-27B"))
     assert "- source: catalog:Qwen/Qwen3.5-27B -> catalog:Qwen/Qwen3.6-27B" in spec
-    assert any(line.startswith("- provenance: catalog, reconstructed:") and line.endswith("-> catalog, verbatim: the original config.json") for line in spec)
+    assert any(
+        line.startswith("- provenance: catalog, reconstructed:")
+        and line.endswith("-> catalog, verbatim: the original config.json")
+        for line in spec
+    )
     assert any(line.startswith("- architecture and layouts: identical") for line in spec)
     assert [line.split(":")[0] for line in keys if line.startswith("- ")] == ["- HF", "- Megatron"]
     assert all(": identical (" in line for line in keys if line.startswith("- "))
-    changed = [line[1:] for line in code if line[:1] in "+-" and not line.startswith(("+++", "---"))]
-    assert changed and all(re.search(r"Qwen3\.[56]-27B|^# config sha256: |^Config: ", line) for line in changed), changed
-    assert {"MODEL_ID = \"Qwen/Qwen3.5-27B\"", "MODEL_ID = \"Qwen/Qwen3.6-27B\""} <= set(changed)
+    changed = [
+        line[1:] for line in code if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]
+    assert changed and all(
+        re.search(r"Qwen3\.[56]-27B|^# config sha256: |^Config: ", line) for line in changed
+    ), changed
+    assert {'MODEL_ID = "Qwen/Qwen3.5-27B"', 'MODEL_ID = "Qwen/Qwen3.6-27B"'} <= set(changed)
 
 
 def test_diff_of_two_moe_sizes(capsys) -> None:
     out = run(capsys, "diff", "Qwen/Qwen3.5-35B-A3B", "Qwen/Qwen3.5-122B-A10B")
     spec, keys, code = sections(out)
-    fields = {line for line in spec if re.match(r"- [a-z_.]+: ", line)} - {line for line in spec if line.startswith(("- source:", "- provenance:", "- config sha256:", "- schedule:"))}
+    fields = {line for line in spec if re.match(r"- [a-z_.]+: ", line)} - {
+        line
+        for line in spec
+        if line.startswith(("- source:", "- provenance:", "- config sha256:", "- schedule:"))
+    }
     assert fields == {
         "- hidden_size: 2048 -> 3072",
         "- num_layers: 40 -> 48",
@@ -82,12 +94,32 @@ def test_diff_of_two_moe_sizes(capsys) -> None:
     assert "index ranges i 0-39 -> i 0-47 in" in text
     assert "index ranges i 0-39, e 0-255 -> i 0-47, e 0-255 in 2 families" in text
     for family, old, new in (
-        ("model.language_model.layers.{i}.mlp.experts.gate_up_proj", (256, 2 * 512, 2048), (256, 2 * 1024, 3072)),
-        ("model.language_model.layers.{i}.linear_attn.in_proj_z.weight", (32 * 128, 2048), (64 * 128, 3072)),
-        ("model.language_model.layers.{i}.self_attn.q_proj.weight", (16 * 2 * 256, 2048), (32 * 2 * 256, 3072)),
-        ("model.language_model.layers.{i}.self_attn.k_proj.weight", (2 * 256, 2048), (2 * 256, 3072)),
+        (
+            "model.language_model.layers.{i}.mlp.experts.gate_up_proj",
+            (256, 2 * 512, 2048),
+            (256, 2 * 1024, 3072),
+        ),
+        (
+            "model.language_model.layers.{i}.linear_attn.in_proj_z.weight",
+            (32 * 128, 2048),
+            (64 * 128, 3072),
+        ),
+        (
+            "model.language_model.layers.{i}.self_attn.q_proj.weight",
+            (16 * 2 * 256, 2048),
+            (32 * 2 * 256, 3072),
+        ),
+        (
+            "model.language_model.layers.{i}.self_attn.k_proj.weight",
+            (2 * 256, 2048),
+            (2 * 256, 3072),
+        ),
         ("mtp.layers.{i}.mlp.experts.{e}.down_proj.weight", (2048, 512), (3072, 1024)),
-        ("language_model.decoder.layers.{i}.mlp.experts.linear_fc1.weight{e}", (2 * 512, 2048), (2 * 1024, 3072)),
+        (
+            "language_model.decoder.layers.{i}.mlp.experts.linear_fc1.weight{e}",
+            (2 * 512, 2048),
+            (2 * 1024, 3072),
+        ),
         ("model.visual.merger.linear_fc2.weight", (2048, 4608), (3072, 4608)),
     ):
         assert f"  re-shaped {family}: {old} -> {new}" in keys
@@ -96,11 +128,20 @@ def test_diff_of_two_moe_sizes(capsys) -> None:
     assert "-        hidden_size=2048," in code and "+        hidden_size=3072," in code
 
 
-def test_diff_of_module_files_reads_their_tables_as_written(capsys, tmp_path: Path, monkeypatch) -> None:
+def test_diff_of_module_files_reads_their_tables_as_written(
+    capsys, tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.chdir(generator.REPO_ROOT)
     edited = tmp_path / "qwen3_5_27b.py"
     text = Path("generated/qwen3_5_27b.py").read_text(encoding="utf-8")
-    edited.write_text(re.sub(r'    Rename\(\n        "language_model\.decoder\.layers\.\{i\}\.self_attention\.q_layernorm\.weight",\n.*?\n    \),\n', "", text, flags=re.S))
+    edited.write_text(
+        re.sub(
+            r'    Rename\(\n        "language_model\.decoder\.layers\.\{i\}\.self_attention\.q_layernorm\.weight",\n.*?\n    \),\n',
+            "",
+            text,
+            flags=re.S,
+        )
+    )
     spec, keys, code = sections(run(capsys, "diff", "generated/qwen3_5_27b.py", str(edited)))
     assert any(line.startswith("- architecture and layouts: identical") for line in spec)
     removed = [line.strip() for line in keys if line.strip().startswith(("added", "removed"))]
@@ -111,12 +152,25 @@ def test_diff_of_module_files_reads_their_tables_as_written(capsys, tmp_path: Pa
     assert "  attention_layers: " in keys[keys.index("- parameters:") + 1]
 
 
-def test_diff_notes_a_file_whose_source_no_longer_gives_its_spec(capsys, tmp_path: Path, monkeypatch) -> None:
+def test_diff_notes_a_file_whose_source_no_longer_gives_its_spec(
+    capsys, tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.chdir(generator.REPO_ROOT)
     old = tmp_path / "qwen3_5_27b.py"
-    old.write_text(re.sub(r'SPEC_SHA256 = "[0-9a-f]{64}"', f'SPEC_SHA256 = "{"0" * 64}"', Path("generated/qwen3_5_27b.py").read_text()))
+    old.write_text(
+        re.sub(
+            r'SPEC_SHA256 = "[0-9a-f]{64}"',
+            f'SPEC_SHA256 = "{"0" * 64}"',
+            Path("generated/qwen3_5_27b.py").read_text(),
+        )
+    )
     spec, _, _ = sections(run(capsys, "diff", str(old), "generated/qwen3_5_27b.py"))
-    assert any(line.startswith(f"- note: {old} records spec sha256 000000000000, but its source now gives ") for line in spec), spec
+    assert any(
+        line.startswith(
+            f"- note: {old} records spec sha256 000000000000, but its source now gives "
+        )
+        for line in spec
+    ), spec
 
 
 def test_diff_of_committed_files_equals_diff_of_references(capsys, monkeypatch) -> None:
@@ -138,7 +192,10 @@ def test_spec_changes_name_layers_and_layouts() -> None:
     changed = dataclasses.replace(spec, layer_types=tuple(kinds), mtp_experts_layout="packed")
     changes = spec_changes(spec, changed)
     assert changes.fields == []
-    assert changes.layers == ["layer 3: gated attention -> GatedDeltaNet", "layer 4: GatedDeltaNet -> gated attention"]
+    assert changes.layers == [
+        "layer 3: gated attention -> GatedDeltaNet",
+        "layer 4: GatedDeltaNet -> gated attention",
+    ]
     assert changes.layouts == ["mtp_experts_layout: per_expert -> packed"]
     assert not spec_changes(spec, spec)
 
@@ -147,7 +204,11 @@ def test_recorded_command_gives_back_the_request() -> None:
     options = {"experts": "per_expert", "mtp_experts": "packed", "name": "my model"}
     request = generator.request_of_command(generator.command_of("some/dir", options))
     assert (request.ref, request.name) == ("some/dir", "my model")
-    assert (request.choices.experts, request.choices.mtp_experts, request.choices.hf_prefix) == ("per_expert", "packed", None)
+    assert (request.choices.experts, request.choices.mtp_experts, request.choices.hf_prefix) == (
+        "per_expert",
+        "packed",
+        None,
+    )
     with pytest.raises(CodegenError, match="not a command"):
         generator.request_of_command("codegen inspect x")
 
@@ -159,15 +220,24 @@ def test_summary_of_a_dense_model(capsys) -> None:
     out = run(capsys, "summary", "Qwen/Qwen3.5-27B")
     assert out.startswith("## Bridge for Qwen/Qwen3.5-27B: `generated/qwen3_5_27b.py`\n")
     assert "**Config:** catalog, reconstructed: published dimensions" in out
-    assert "64 layers = 16 x (3 x GatedDeltaNet + 1 x gated attention), dense SwiGLU MLP 17408" in out
+    assert (
+        "64 layers = 16 x (3 x GatedDeltaNet + 1 x gated attention), dense SwiGLU MLP 17408" in out
+    )
     assert "Hidden size 5120, vocabulary 248320. Attention: 24 query heads" in out
     assert f"| GatedDeltaNet + dense MLP | 48 | {gdn_layers(64)} |" in out
     assert f"| gated attention + dense MLP | 16 | {attention_layers(64)} |" in out
     assert "| MTP: gated attention + dense MLP | 1 | 0 |" in out
     assert "| vision blocks (1152 wide) | 27 | 0-26 |" in out
-    assert "| routed experts (decoder) | none (dense) |" in out and "| output layer | untied |" in out
-    assert f"| embedding | {248320 * 5120:,} |" in out and f"| output layer | {248320 * 5120:,} |" in out
-    assert "routed experts |" not in out.split("| Component |")[1], "no expert parameters in a dense model"
+    assert (
+        "| routed experts (decoder) | none (dense) |" in out and "| output layer | untied |" in out
+    )
+    assert (
+        f"| embedding | {248320 * 5120:,} |" in out
+        and f"| output layer | {248320 * 5120:,} |" in out
+    )
+    assert (
+        "routed experts |" not in out.split("| Component |")[1]
+    ), "no expert parameters in a dense model"
     assert out.rstrip().endswith("**Regenerate:** `codegen generate catalog:Qwen/Qwen3.5-27B`")
 
 
@@ -191,6 +261,9 @@ def test_summary_of_an_fp8_model_says_what_the_manifest_leaves_out(capsys) -> No
 
 
 def test_summary_refuses_what_generate_refuses(capsys, tmp_path: Path) -> None:
-    shutil.copy(Path(generator.REPO_ROOT / "codegen/catalog/Qwen__Qwen3.5-35B-A3B.repr.json"), tmp_path / "config.json")
+    shutil.copy(
+        Path(generator.REPO_ROOT / "codegen/catalog/Qwen__Qwen3.5-35B-A3B.repr.json"),
+        tmp_path / "config.json",
+    )
     assert main(["summary", str(tmp_path)]) == 2
     assert "pass --mtp-experts" in capsys.readouterr().err

@@ -23,8 +23,14 @@ from codegen.testing.ranks import restore_and_run
 TOLERANCE = 1e-4
 VARIANTS = {
     "dense-text": ("Qwen/Qwen3.6-27B", {"text_only": True, "text_prefix": "model"}),
-    "moe-text": ("Qwen/Qwen3.5-35B-A3B", {"text_only": True, "experts_layout": "packed", "mtp_experts_layout": "per_expert"}),
-    "qwen3-next": ("Qwen/Qwen3-Next-80B-A3B-Instruct", {"experts_layout": "per_expert", "mtp_experts_layout": "per_expert"}),
+    "moe-text": (
+        "Qwen/Qwen3.5-35B-A3B",
+        {"text_only": True, "experts_layout": "packed", "mtp_experts_layout": "per_expert"},
+    ),
+    "qwen3-next": (
+        "Qwen/Qwen3-Next-80B-A3B-Instruct",
+        {"experts_layout": "per_expert", "mtp_experts_layout": "per_expert"},
+    ),
 }
 
 
@@ -37,11 +43,25 @@ def convert_variant(tmp_path_factory):
         if name not in done:
             tmp = tmp_path_factory.mktemp(name)
             model_id, options = VARIANTS[name]
-            checkpoint = make_checkpoint(tmp / "hf", catalog.entry(model_id).config, seed=13, **options)
+            checkpoint = make_checkpoint(
+                tmp / "hf", catalog.entry(model_id).config, seed=13, **options
+            )
             bridges = tmp / "bridges"
-            args = ["convert", "hf-to-megatron", str(checkpoint.path), str(tmp / "dist"), "--format", "torch_dist", "--bridge-dir", str(bridges), "--quiet"]
+            args = [
+                "convert",
+                "hf-to-megatron",
+                str(checkpoint.path),
+                str(tmp / "dist"),
+                "--format",
+                "torch_dist",
+                "--bridge-dir",
+                str(bridges),
+                "--quiet",
+            ]
             assert main(args) == 0
-            _bridge, spec, _ = bridge_for_checkpoint(checkpoint.path, bridge_dir=bridges, quiet=True)
+            _bridge, spec, _ = bridge_for_checkpoint(
+                checkpoint.path, bridge_dir=bridges, quiet=True
+            )
             done[name] = (tmp, checkpoint, spec)
         return done[name]
 
@@ -66,7 +86,14 @@ def test_layout_follows_megatron_cores_rules(converted) -> None:
     base = f"decoder.layers.{gdn_layer}.self_attention."
     # GDN in_proj and conv1d: one tensor per section, TP-independent (FACTS section 5).
     qk, v = g.num_key_heads * g.key_head_dim, g.num_value_heads * g.value_head_dim
-    expected = {"query": qk, "key": qk, "value": v, "z": v, "beta": g.num_value_heads, "alpha": g.num_value_heads}
+    expected = {
+        "query": qk,
+        "key": qk,
+        "value": v,
+        "z": v,
+        "beta": g.num_value_heads,
+        "alpha": g.num_value_heads,
+    }
     for section, rows in expected.items():
         assert shapes[f"{base}in_proj.weight.{section}"] == (rows, h)
     for section in ("query", "key", "value"):
@@ -74,19 +101,44 @@ def test_layout_follows_megatron_cores_rules(converted) -> None:
     assert f"{base}in_proj.weight" not in shapes
     # MTP: the inner layer is still called transformer_layer in 0.19.2 checkpoints (FACTS section 7).
     assert not [k for k in shapes if "mtp_model_layer" in k]
-    assert shapes["mtp.layers.0.transformer_layer.self_attention.linear_qkv.weight"] == (a.num_kv_heads * (2 * a.num_heads // a.num_kv_heads + 2) * a.head_dim, h)
+    assert shapes["mtp.layers.0.transformer_layer.self_attention.linear_qkv.weight"] == (
+        a.num_kv_heads * (2 * a.num_heads // a.num_kv_heads + 2) * a.head_dim,
+        h,
+    )
     # Routed experts stacked [E, ...] (FACTS section 6), in the decoder and in MTP.
     if spec.moe:
         m = spec.moe
         for layer in ("decoder.layers.0.", "mtp.layers.0.transformer_layer."):
-            assert shapes[f"{layer}mlp.experts.experts.linear_fc1.weight"] == (m.num_experts, 2 * m.expert_intermediate_size, h)
-            assert shapes[f"{layer}mlp.experts.experts.linear_fc2.weight"] == (m.num_experts, h, m.expert_intermediate_size)
+            assert shapes[f"{layer}mlp.experts.experts.linear_fc1.weight"] == (
+                m.num_experts,
+                2 * m.expert_intermediate_size,
+                h,
+            )
+            assert shapes[f"{layer}mlp.experts.experts.linear_fc2.weight"] == (
+                m.num_experts,
+                h,
+                m.expert_intermediate_size,
+            )
         assert not [k for k in shapes if ".linear_fc1.weight0" in k]
 
 
 def test_round_trip_is_bit_identical(converted) -> None:
     tmp, checkpoint, _spec = converted
-    assert main(["convert", "megatron-to-hf", str(tmp / "dist"), str(tmp / "back"), "--bridge-dir", str(tmp / "bridges"), "--quiet", "--force"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "megatron-to-hf",
+                str(tmp / "dist"),
+                str(tmp / "back"),
+                "--bridge-dir",
+                str(tmp / "bridges"),
+                "--quiet",
+                "--force",
+            ]
+        )
+        == 0
+    )
     with CheckpointReader(checkpoint.path) as original, CheckpointReader(tmp / "back") as back:
         assert back.names() == original.names()
         for name in original.names():
@@ -94,18 +146,39 @@ def test_round_trip_is_bit_identical(converted) -> None:
             assert a.dtype == b.dtype and torch.equal(a, b), name
 
 
-RESTORES = [("dense-text", {"tp": 1}), ("dense-text", {"tp": 2}), ("moe-text", {"tp": 1}), ("moe-text", {"ep": 2}), ("qwen3-next", {"tp": 2})]
+RESTORES = [
+    ("dense-text", {"tp": 1}),
+    ("dense-text", {"tp": 2}),
+    ("moe-text", {"tp": 1}),
+    ("moe-text", {"ep": 2}),
+    ("qwen3-next", {"tp": 2}),
+]
 
 
-@pytest.mark.parametrize(("variant", "parallel"), RESTORES, ids=[f"{v}-{'-'.join(f'{k}{n}' for k, n in p.items())}" for v, p in RESTORES])
-def test_megatron_core_restores_it_with_hf_logits(convert_variant, variant: str, parallel: dict) -> None:
+@pytest.mark.parametrize(
+    ("variant", "parallel"),
+    RESTORES,
+    ids=[f"{v}-{'-'.join(f'{k}{n}' for k, n in p.items())}" for v, p in RESTORES],
+)
+def test_megatron_core_restores_it_with_hf_logits(
+    convert_variant, variant: str, parallel: dict
+) -> None:
     tmp, checkpoint, spec = convert_variant(variant)
     ids = torch.randint(0, spec.vocab_size, (1, 80), generator=torch.Generator().manual_seed(3))
     model = checkpoint.model.eval()
     with torch.no_grad():
-        expected, expected_mtp = model(input_ids=ids).logits, reference_mtp_logits(model, checkpoint.mtp, ids)
+        expected, expected_mtp = model(input_ids=ids).logits, reference_mtp_logits(
+            model, checkpoint.mtp, ids
+        )
     world = max(parallel.values())
-    results = run_ranks(partial(restore_and_run, **parallel), world, tmp / "dist", checkpoint.path, tmp / "bridges", ids)
+    results = run_ranks(
+        partial(restore_and_run, **parallel),
+        world,
+        tmp / "dist",
+        checkpoint.path,
+        tmp / "bridges",
+        ids,
+    )
     for result in results:
         assert (result.logits - expected).abs().max().item() <= TOLERANCE
         assert (result.mtp_logits[0] - expected_mtp).abs().max().item() <= TOLERANCE
@@ -116,17 +189,35 @@ class _DCPChunks(torch.Tensor):
 
     @staticmethod
     def __new__(cls, pieces, data, dtype):
-        return torch.Tensor._make_wrapper_subclass(cls, torch.Size(pieces[0].global_shape), dtype=dtype)
+        return torch.Tensor._make_wrapper_subclass(
+            cls, torch.Size(pieces[0].global_shape), dtype=dtype
+        )
 
     def __init__(self, pieces, data, dtype):
-        self._pieces, self._data, self._dtype = {torch.Size(p.offset): p for p in pieces}, data, dtype
+        self._pieces, self._data, self._dtype = (
+            {torch.Size(p.offset): p for p in pieces},
+            data,
+            dtype,
+        )
 
     def __create_write_items__(self, fqn, obj):
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+        from torch.distributed.checkpoint.metadata import (
+            ChunkStorageMetadata,
+            MetadataIndex,
+            TensorProperties,
+        )
         from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
         return [
-            WriteItem(index=MetadataIndex(fqn, o), type=WriteItemType.SHARD, tensor_data=TensorWriteData(ChunkStorageMetadata(o, torch.Size(p.chunk_shape)), TensorProperties(dtype=self._dtype), self.shape))
+            WriteItem(
+                index=MetadataIndex(fqn, o),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    ChunkStorageMetadata(o, torch.Size(p.chunk_shape)),
+                    TensorProperties(dtype=self._dtype),
+                    self.shape,
+                ),
+            )
             for o, p in self._pieces.items()
         ]
 
@@ -156,29 +247,64 @@ def test_files_are_what_pytorch_dcp_writes(convert_variant, tmp_path: Path) -> N
     from codegen.runtime.torch_dist.layout import by_key
 
     tmp, checkpoint, _spec = convert_variant("moe-text")
-    bridge, _spec, _ = bridge_for_checkpoint(checkpoint.path, bridge_dir=tmp / "bridges", quiet=True)
+    bridge, _spec, _ = bridge_for_checkpoint(
+        checkpoint.path, bridge_dir=tmp / "bridges", quiet=True
+    )
     layout = torch_dist.layout(bridge)
     with CheckpointReader(checkpoint.path) as reader:
-        megatron = {n: t for g in bridge.groups for n, t in g.to_megatron({h: reader.get(h) for h in g.hf}, ConvertOptions()).items()}
+        megatron = {
+            n: t
+            for g in bridge.groups
+            for n, t in g.to_megatron({h: reader.get(h) for h in g.hf}, ConvertOptions()).items()
+        }
 
         class Planner(DefaultSavePlanner):
             def transform_object(self, write_item, object):  # noqa: A002
                 return object
 
-        state = {k: _DCPChunks(ps, lambda p: writer.chunk_of(p, megatron[p.param]).contiguous(), megatron[ps[0].param].dtype) for k, ps in by_key(layout.pieces).items()}
+        state = {
+            k: _DCPChunks(
+                ps,
+                lambda p: writer.chunk_of(p, megatron[p.param]).contiguous(),
+                megatron[ps[0].param].dtype,
+            )
+            for k, ps in by_key(layout.pieces).items()
+        }
         state.update({k: io.BytesIO(v) for k, v in layout.objects.items()})
         (tmp_path / "dcp").mkdir()
         with writer.without_zip_crc32():  # as our writer writes
             # per_thread_copy_ahead=0: DCP's serial loader, which on a CUDA machine it would swap
             # for one that uses CUDA streams (the CPU backend runs megatron-core on the CPU).
-            dcp_writer = FileSystemWriter(tmp_path / "dcp", single_file_per_rank=True, sync_files=False, thread_count=1, per_thread_copy_ahead=0)
-            save(state, storage_writer=dcp_writer, planner=Planner(flatten_state_dict=False), no_dist=True)
+            dcp_writer = FileSystemWriter(
+                tmp_path / "dcp",
+                single_file_per_rank=True,
+                sync_files=False,
+                thread_count=1,
+                per_thread_copy_ahead=0,
+            )
+            save(
+                state,
+                storage_writer=dcp_writer,
+                planner=Planner(flatten_state_dict=False),
+                no_dist=True,
+            )
         (tmp_path / "ours").mkdir()
-        torch_dist.write(bridge, tmp_path / "ours", lambda g: {n: megatron[n] for n in g.megatron}, lambda n: megatron[n].dtype)
-    assert (tmp_path / "ours" / torch_dist.DATA_FILE).read_bytes() == (tmp_path / "dcp" / torch_dist.DATA_FILE).read_bytes()
-    ours, theirs = (pickle.loads((tmp_path / d / ".metadata").read_bytes()) for d in ("ours", "dcp"))
+        torch_dist.write(
+            bridge,
+            tmp_path / "ours",
+            lambda g: {n: megatron[n] for n in g.megatron},
+            lambda n: megatron[n].dtype,
+        )
+    assert (tmp_path / "ours" / torch_dist.DATA_FILE).read_bytes() == (
+        tmp_path / "dcp" / torch_dist.DATA_FILE
+    ).read_bytes()
+    ours, theirs = (
+        pickle.loads((tmp_path / d / ".metadata").read_bytes()) for d in ("ours", "dcp")
+    )
     assert ours.state_dict_metadata == theirs.state_dict_metadata
     assert list(ours.state_dict_metadata) == list(theirs.state_dict_metadata)
-    assert ours.storage_data == theirs.storage_data and [k.index for k in ours.storage_data] == [k.index for k in theirs.storage_data]
+    assert ours.storage_data == theirs.storage_data and [k.index for k in ours.storage_data] == [
+        k.index for k in theirs.storage_data
+    ]
     assert (ours.planner_data, ours.version) == (theirs.planner_data, theirs.version)
     assert ours.storage_meta.save_id != theirs.storage_meta.save_id  # random in both

@@ -20,7 +20,11 @@ def rand(*shape: int, seed: int) -> torch.Tensor:
 
 
 def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8) if a.dtype == torch.bool else a, b)
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.view(torch.uint8) if a.dtype == torch.bool else a, b)
+    )
 
 
 attention_dims = st.builds(
@@ -30,7 +34,9 @@ attention_dims = st.builds(
     st.integers(1, 5),
 )
 gdn_dims = st.builds(
-    lambda nk, r, dk, dv: t.GDNDims(key_heads=nk, value_heads=nk * r, key_head_dim=dk, value_head_dim=dv),
+    lambda nk, r, dk, dv: t.GDNDims(
+        key_heads=nk, value_heads=nk * r, key_head_dim=dk, value_head_dim=dv
+    ),
     st.integers(1, 4),
     st.integers(1, 3),
     st.integers(1, 4),
@@ -52,7 +58,11 @@ def reference_gated_qkv(q, k, v, dims: t.AttentionDims) -> torch.Tensor:
 @given(attention_dims, st.integers(0, 10_000))
 def test_gated_qkv_matches_reference_and_inverts(dims, seed):
     d = dims.head_dim
-    q, k, v = rand(dims.heads * 2 * d, HIDDEN, seed=seed), rand(dims.kv_heads * d, HIDDEN, seed=seed + 1), rand(dims.kv_heads * d, HIDDEN, seed=seed + 2)
+    q, k, v = (
+        rand(dims.heads * 2 * d, HIDDEN, seed=seed),
+        rand(dims.kv_heads * d, HIDDEN, seed=seed + 1),
+        rand(dims.kv_heads * d, HIDDEN, seed=seed + 2),
+    )
     qkv = t.gated_qkv_to_megatron(q, k, v, dims)
     assert torch.equal(qkv, reference_gated_qkv(q, k, v, dims))
     back = t.gated_qkv_to_hf(qkv, dims)
@@ -62,7 +72,12 @@ def test_gated_qkv_matches_reference_and_inverts(dims, seed):
 @given(gdn_dims, st.integers(0, 10_000))
 def test_gdn_in_proj_inverts(dims, seed):
     qk, vd = dims.key_heads * dims.key_head_dim, dims.value_heads * dims.value_head_dim
-    parts = [rand(2 * qk + vd, HIDDEN, seed=seed), rand(vd, HIDDEN, seed=seed + 1), rand(dims.value_heads, HIDDEN, seed=seed + 2), rand(dims.value_heads, HIDDEN, seed=seed + 3)]
+    parts = [
+        rand(2 * qk + vd, HIDDEN, seed=seed),
+        rand(vd, HIDDEN, seed=seed + 1),
+        rand(dims.value_heads, HIDDEN, seed=seed + 2),
+        rand(dims.value_heads, HIDDEN, seed=seed + 3),
+    ]
     in_proj = t.gdn_in_proj_to_megatron(*parts)
     assert in_proj.shape[0] == sum(dims.in_proj_sections)
     assert all(torch.equal(a, b) for a, b in zip(t.gdn_in_proj_to_hf(in_proj, dims), parts))
@@ -86,7 +101,9 @@ def reference_grouped_to_flat(qkvz, ba, dims: t.GDNDims) -> torch.Tensor:
 @given(gdn_dims, st.integers(0, 10_000))
 def test_gdn_grouped_in_proj_matches_reference_and_inverts(dims, seed):
     r = dims.value_heads // dims.key_heads
-    qkvz = rand(dims.key_heads * (2 * dims.key_head_dim + 2 * r * dims.value_head_dim), HIDDEN, seed=seed)
+    qkvz = rand(
+        dims.key_heads * (2 * dims.key_head_dim + 2 * r * dims.value_head_dim), HIDDEN, seed=seed
+    )
     ba = rand(dims.key_heads * 2 * r, HIDDEN, seed=seed + 1)
     in_proj = t.gdn_grouped_in_proj_to_megatron(qkvz, ba, dims)
     assert torch.equal(in_proj, reference_grouped_to_flat(qkvz, ba, dims))
@@ -96,7 +113,9 @@ def test_gdn_grouped_in_proj_matches_reference_and_inverts(dims, seed):
 
 @given(st.integers(1, 8), st.integers(0, 10_000), st.sampled_from([torch.float32, torch.bfloat16]))
 def test_out_norm_shift_is_exact_in_sterbenz_range(n, seed, dtype):
-    w = (torch.rand(n, generator=torch.Generator().manual_seed(seed)) * 1.5 + 0.5).to(dtype)  # [0.5, 2]
+    w = (torch.rand(n, generator=torch.Generator().manual_seed(seed)) * 1.5 + 0.5).to(
+        dtype
+    )  # [0.5, 2]
     shifted = t.shift_norm_to_megatron(w, "w")
     assert torch.equal(shifted, w - 1)
     assert torch.equal(t.shift_norm_to_hf(shifted), w)
@@ -134,7 +153,13 @@ def test_vision_qkv_matches_reference_and_inverts(heads, head_dim, seed):
     dims = t.VisionDims(heads=heads, hidden=heads * head_dim)
     c = dims.hidden
     for qkv in (rand(3 * c, c, seed=seed), rand(3 * c, seed=seed + 1)):
-        reference = torch.cat([qkv[part * c + h * head_dim : part * c + (h + 1) * head_dim] for h in range(heads) for part in range(3)])
+        reference = torch.cat(
+            [
+                qkv[part * c + h * head_dim : part * c + (h + 1) * head_dim]
+                for h in range(heads)
+                for part in range(3)
+            ]
+        )
         converted = t.vision_qkv_to_megatron(qkv, dims)
         assert torch.equal(converted, reference)
         assert torch.equal(t.vision_qkv_to_hf(converted, dims), qkv)
@@ -159,7 +184,11 @@ def test_gdn_in_proj_split_takes_a_slice_of_every_section(dims, tp, seed):
     assert torch.equal(split.merge(shards), full)
 
 
-@given(st.sampled_from([COLUMN, ROW, GLU_ROWS, REPLICATED]), st.sampled_from([1, 2, 4]), st.integers(0, 10_000))
+@given(
+    st.sampled_from([COLUMN, ROW, GLU_ROWS, REPLICATED]),
+    st.sampled_from([1, 2, 4]),
+    st.integers(0, 10_000),
+)
 def test_splits_reassemble(split, tp, seed):
     full = rand(8, 8, seed=seed)
     shards = [split.shard(full, r, tp) for r in range(tp)]
@@ -180,4 +209,6 @@ def test_naive_contiguous_split_of_in_proj_differs():
     """The negative control of FACTS section 5: a plain cut gives other rows than the section cut."""
     dims = t.GDNDims(key_heads=2, value_heads=4, key_head_dim=2, value_head_dim=2)
     full = torch.arange(float(sum(dims.in_proj_sections))).reshape(-1, 1)
-    assert not torch.equal(COLUMN.shard(full, 0, 2), sections(*dims.in_proj_sections).shard(full, 0, 2))
+    assert not torch.equal(
+        COLUMN.shard(full, 0, 2), sections(*dims.in_proj_sections).shard(full, 0, 2)
+    )

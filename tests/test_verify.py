@@ -14,12 +14,20 @@ from codegen.testing import make_checkpoint
 
 def test_verify_passes_then_catches_a_wrong_weight(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    checkpoint = make_checkpoint(tmp_path / "hf", catalog.entry("Qwen/Qwen3.5-35B-A3B").config, seed=11, experts_layout="packed", mtp_experts_layout="per_expert")
+    checkpoint = make_checkpoint(
+        tmp_path / "hf",
+        catalog.entry("Qwen/Qwen3.5-35B-A3B").config,
+        seed=11,
+        experts_layout="packed",
+        mtp_experts_layout="per_expert",
+    )
     megatron = tmp_path / "megatron"
     assert main(["convert", "hf-to-megatron", str(checkpoint.path), str(megatron), "--quiet"]) == 0
     assert main(["verify", str(checkpoint.path), str(megatron)]) == 0
     out = capsys.readouterr().out
-    assert "max |delta| logits:" in out and "max |delta| MTP layer 0 logits:" in out and "PASS" in out
+    assert (
+        "max |delta| logits:" in out and "max |delta| MTP layer 0 logits:" in out and "PASS" in out
+    )
 
     # The GDN output norm copied without its -1 shift: the classic silent bug (FACTS.md section 10).
     index = json.loads((megatron / "model.safetensors.index.json").read_text())

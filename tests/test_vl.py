@@ -26,7 +26,12 @@ from codegen.conversion import bridge_for_checkpoint
 from codegen.runtime.checkpoint import CheckpointReader
 from codegen.runtime.vl_model import MultimodalInputs
 from codegen.testing import TinyCheckpoint, make_checkpoint
-from codegen.testing.vl import VISION_TOKEN_KEYS, hf_vl_logits, reference_vl_mtp_logits, synthetic_prompt
+from codegen.testing.vl import (
+    VISION_TOKEN_KEYS,
+    hf_vl_logits,
+    reference_vl_mtp_logits,
+    synthetic_prompt,
+)
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
@@ -38,7 +43,10 @@ TEXT_TOKENS = 66  # 88 tokens in all: GDN's chunked delta rule spans two chunks 
 
 VARIANTS = {
     "dense-vl": ("Qwen/Qwen3.6-27B", {}),
-    "moe-vl": ("Qwen/Qwen3.5-35B-A3B", {"experts_layout": "packed", "mtp_experts_layout": "per_expert"}),
+    "moe-vl": (
+        "Qwen/Qwen3.5-35B-A3B",
+        {"experts_layout": "packed", "mtp_experts_layout": "per_expert"},
+    ),
 }
 
 
@@ -57,7 +65,20 @@ def converted(request, tmp_path_factory) -> Converted:
     model_id, options = VARIANTS[request.param]
     checkpoint = make_checkpoint(tmp / "hf", catalog.entry(model_id).config, seed=17, **options)
     bridges = tmp / "bridges"
-    assert main(["convert", "hf-to-megatron", str(checkpoint.path), str(tmp / "megatron"), "--bridge-dir", str(bridges), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "hf-to-megatron",
+                str(checkpoint.path),
+                str(tmp / "megatron"),
+                "--bridge-dir",
+                str(bridges),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     bridge, _spec, _ = bridge_for_checkpoint(checkpoint.path, bridge_dir=bridges, quiet=True)
     inputs = synthetic_prompt(checkpoint.config, GRIDS, text_tokens=TEXT_TOKENS, seed=2)
     return Converted(checkpoint, tmp / "megatron", bridges, bridge, inputs)
@@ -88,10 +109,14 @@ def test_prompt_holds_two_images_of_different_grids(converted: Converted) -> Non
     assert converted.inputs.pixel_values.shape[0] == 4 * 6 + 6 * 8
 
 
-def test_vision_features_before_and_after_the_merger_equal_hf(converted: Converted, vl_model) -> None:
+def test_vision_features_before_and_after_the_merger_equal_hf(
+    converted: Converted, vl_model
+) -> None:
     inputs = converted.inputs
     with torch.no_grad():
-        expected = converted.checkpoint.model.model.visual(inputs.pixel_values, grid_thw=inputs.image_grid_thw)
+        expected = converted.checkpoint.model.model.visual(
+            inputs.pixel_values, grid_thw=inputs.image_grid_thw
+        )
         got = vl_model.vision_model(inputs.pixel_values, inputs.image_grid_thw)
     assert max_delta(got.patches, expected.last_hidden_state) <= TOLERANCE
     assert max_delta(got.tokens, expected.pooler_output) <= TOLERANCE
@@ -104,7 +129,12 @@ def test_logits_and_mtp_logits_equal_hf(converted: Converted, vl_model) -> None:
     model = converted.checkpoint.model
     assert max_delta(logits, hf_vl_logits(model, converted.inputs)) <= TOLERANCE
     assert len(mtp) == 1
-    assert max_delta(mtp[0], reference_vl_mtp_logits(model, converted.checkpoint.mtp, converted.inputs)) <= TOLERANCE
+    assert (
+        max_delta(
+            mtp[0], reference_vl_mtp_logits(model, converted.checkpoint.mtp, converted.inputs)
+        )
+        <= TOLERANCE
+    )
 
 
 def test_placeholders_without_pixels_are_named(converted: Converted, vl_model) -> None:
@@ -124,7 +154,15 @@ def image_and_video_prompt(config: dict[str, Any]) -> MultimodalInputs:
         return torch.randint(0, high, (n,), generator=gen).tolist()
 
     frame = [start, *[config["video_token_id"]] * 4, end]
-    ids = text(10) + [start, *[config["image_token_id"]] * 6, end] + text(5) + frame + text(3) + frame + text(50)
+    ids = (
+        text(10)
+        + [start, *[config["image_token_id"]] * 6, end]
+        + text(5)
+        + frame
+        + text(3)
+        + frame
+        + text(50)
+    )
     vision = config["vision_config"]
     patch_dim = vision["in_channels"] * vision["temporal_patch_size"] * vision["patch_size"] ** 2
     return MultimodalInputs.from_token_ids(
@@ -146,22 +184,34 @@ def test_image_and_video_logits_equal_hf(converted: Converted, vl_model) -> None
     logits, mtp = vl_forward_logits(vl_model, inputs)
     model = converted.checkpoint.model
     assert max_delta(logits, hf_vl_logits(model, inputs)) <= TOLERANCE
-    assert max_delta(mtp[0], reference_vl_mtp_logits(model, converted.checkpoint.mtp, inputs)) <= TOLERANCE
+    assert (
+        max_delta(mtp[0], reference_vl_mtp_logits(model, converted.checkpoint.mtp, inputs))
+        <= TOLERANCE
+    )
 
 
-def test_megatron_contiguous_mrope_sections_give_other_logits(converted: Converted, vl_model) -> None:
+def test_megatron_contiguous_mrope_sections_give_other_logits(
+    converted: Converted, vl_model
+) -> None:
     """Negative control: megatron-core's own multimodal rotary embedding (contiguous sections)."""
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import MultimodalRotaryEmbedding
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import (
+        MultimodalRotaryEmbedding,
+    )
 
     from codegen.runtime.vl_model import vl_forward_logits
 
     gpt_args = converted.bridge.gpt_model_args
     vl_model.language_model.rotary_pos_emb = MultimodalRotaryEmbedding(
-        kv_channels=vl_model.config.kv_channels, rotary_percent=gpt_args["rotary_percent"], rotary_base=gpt_args["rotary_base"]
+        kv_channels=vl_model.config.kv_channels,
+        rotary_percent=gpt_args["rotary_percent"],
+        rotary_base=gpt_args["rotary_base"],
     )
     logits, _ = vl_forward_logits(vl_model, converted.inputs)
     # Small rotary angles in a tiny model (theta 1e7, 4 frequencies), yet ten times the tolerance.
-    assert max_delta(logits, hf_vl_logits(converted.checkpoint.model, converted.inputs)) > 10 * TOLERANCE
+    assert (
+        max_delta(logits, hf_vl_logits(converted.checkpoint.model, converted.inputs))
+        > 10 * TOLERANCE
+    )
 
 
 def test_export_is_bit_identical_to_the_hf_files(converted: Converted, vl_model) -> None:
@@ -172,7 +222,10 @@ def test_export_is_bit_identical_to_the_hf_files(converted: Converted, vl_model)
         for name in original.names():
             a, b = original.get(name), exported[name]
             assert a.dtype == b.dtype and a.shape == b.shape, name
-            assert a.contiguous().view(torch.uint8).numpy().tobytes() == b.contiguous().view(torch.uint8).numpy().tobytes(), name
+            assert (
+                a.contiguous().view(torch.uint8).numpy().tobytes()
+                == b.contiguous().view(torch.uint8).numpy().tobytes()
+            ), name
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True])
@@ -184,14 +237,23 @@ def test_tp2_logits_equal_hf(converted: Converted, sequence_parallel: bool) -> N
     ck = converted.checkpoint
     expected = hf_vl_logits(ck.model, converted.inputs)
     expected_mtp = reference_vl_mtp_logits(ck.model, ck.mtp, converted.inputs)
-    results = run_ranks(partial(vl_logits_on_rank, tp=2, sequence_parallel=sequence_parallel), 2, ck.path, converted.megatron_dir, converted.bridge_dir, converted.inputs)
+    results = run_ranks(
+        partial(vl_logits_on_rank, tp=2, sequence_parallel=sequence_parallel),
+        2,
+        ck.path,
+        converted.megatron_dir,
+        converted.bridge_dir,
+        converted.inputs,
+    )
     for logits, mtp in results:
         assert max_delta(torch.from_numpy(logits), expected) <= TOLERANCE
         assert max_delta(torch.from_numpy(mtp[0]), expected_mtp) <= TOLERANCE
 
 
 @pytest.mark.parametrize("converted", ["dense-vl"], indirect=True)
-def test_verify_puts_an_image_in_the_prompt(converted: Converted, tmp_path: Path, capsys, monkeypatch) -> None:
+def test_verify_puts_an_image_in_the_prompt(
+    converted: Converted, tmp_path: Path, capsys, monkeypatch
+) -> None:
     """`codegen verify` passes, then fails once a tensor only the image reaches is wrong."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     hf_dir, megatron = str(converted.checkpoint.path), tmp_path / "megatron"
@@ -217,7 +279,9 @@ def test_a_text_only_bridge_has_no_vl_model() -> None:
         load_bridge("Qwen/Qwen3-Next-80B-A3B-Instruct")().build_vl_model()
 
 
-def test_torch_dist_of_the_vl_model_restores_and_round_trips(converted: Converted, tmp_path: Path) -> None:
+def test_torch_dist_of_the_vl_model_restores_and_round_trips(
+    converted: Converted, tmp_path: Path
+) -> None:
     """The whole VL checkpoint (vision tower too) as torch_dist: megatron-core's
     dist_checkpointing.load restores it into the VL model with HF's logits, and it reads back to
     bit-identical HF files."""
@@ -227,18 +291,45 @@ def test_torch_dist_of_the_vl_model_restores_and_round_trips(converted: Converte
     from codegen.runtime.vl_model import vl_forward_logits
 
     args = ["--bridge-dir", str(converted.bridge_dir), "--quiet"]
-    assert main(["convert", "hf-to-megatron", str(converted.checkpoint.path), str(tmp_path / "dist"), "--format", "torch_dist", *args]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "hf-to-megatron",
+                str(converted.checkpoint.path),
+                str(tmp_path / "dist"),
+                "--format",
+                "torch_dist",
+                *args,
+            ]
+        )
+        == 0
+    )
     parallel = init_parallel()
     try:
         model = converted.bridge.build_vl_model(**parallel)
         state = dist_checkpointing.load(model.sharded_state_dict(), str(tmp_path / "dist"))
         result = model.load_state_dict(state, strict=False)
-        assert not [k for k in result.missing_keys if not k.endswith("_extra_state")] and not result.unexpected_keys
+        assert (
+            not [k for k in result.missing_keys if not k.endswith("_extra_state")]
+            and not result.unexpected_keys
+        )
         logits, _mtp = vl_forward_logits(model, converted.inputs)
     finally:
         destroy_parallel()
-    assert max_delta(logits, hf_vl_logits(converted.checkpoint.model, converted.inputs)) <= TOLERANCE
-    assert main(["convert", "megatron-to-hf", str(tmp_path / "dist"), str(tmp_path / "back"), *args]) == 0
-    with CheckpointReader(converted.checkpoint.path) as original, CheckpointReader(tmp_path / "back") as back:
+    assert (
+        max_delta(logits, hf_vl_logits(converted.checkpoint.model, converted.inputs)) <= TOLERANCE
+    )
+    assert (
+        main(["convert", "megatron-to-hf", str(tmp_path / "dist"), str(tmp_path / "back"), *args])
+        == 0
+    )
+    with (
+        CheckpointReader(converted.checkpoint.path) as original,
+        CheckpointReader(tmp_path / "back") as back,
+    ):
         assert back.names() == original.names()
-        assert all(torch.equal(original.get(n), back.get(n)) and original.dtype(n) == back.dtype(n) for n in original.names())
+        assert all(
+            torch.equal(original.get(n), back.get(n)) and original.dtype(n) == back.dtype(n)
+            for n in original.names()
+        )

@@ -25,7 +25,9 @@ def hf_rope_index(types: torch.Tensor, image_grid_thw, video_grid_thw) -> torch.
     config = hf_config(tiny_config(catalog.entry("Qwen/Qwen3.6-27B").config))
     with torch.device("meta"):
         model = hf_qwen.Qwen3_5Model(config)
-    positions, _ = model.get_rope_index(torch.zeros_like(types), types, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw)
+    positions, _ = model.get_rope_index(
+        torch.zeros_like(types), types, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw
+    )
     return positions
 
 
@@ -35,7 +37,9 @@ def test_position_ids_equal_hf_for_text_images_and_video_frames() -> None:
     row0 = runs((T, 3), (I, 6), (T, 2), (V, 4), (T, 1), (V, 4), (T, 5))
     row1 = runs((T, 1), (I, 3), (T, 4), (I, 1), (T, 16))
     types = torch.tensor([row0, row1])
-    got = mrope.position_ids(types, spatial_merge_size=2, image_grid_thw=images, video_grid_thw=videos)
+    got = mrope.position_ids(
+        types, spatial_merge_size=2, image_grid_thw=images, video_grid_thw=videos
+    )
     assert torch.equal(got, hf_rope_index(types, images, videos))
     # Text after an image resumes at its start + max(h, w) merged: 3 + 3 = 6.
     assert got[:, 0, 9].tolist() == [6, 6, 6]
@@ -55,9 +59,13 @@ def test_text_only_positions_count_on() -> None:
         (runs((T, 2), (3, 1)), [[1, 4, 6]], "holds [3]"),
     ],
 )
-def test_position_ids_name_what_does_not_match(types: list[int], images: list[list[int]], message: str) -> None:
+def test_position_ids_name_what_does_not_match(
+    types: list[int], images: list[list[int]], message: str
+) -> None:
     with pytest.raises(ValueError) as error:
-        mrope.position_ids(torch.tensor([types]), spatial_merge_size=2, image_grid_thw=torch.tensor(images))
+        mrope.position_ids(
+            torch.tensor([types]), spatial_merge_size=2, image_grid_thw=torch.tensor(images)
+        )
     assert message in str(error.value)
 
 
@@ -76,15 +84,25 @@ def test_interleaved_mrope_angles_equal_hf_rotary(model_id: str, tiny: bool) -> 
     text = hf_config(tiny_config(raw) if tiny else raw).text_config
     rope = text.rope_parameters
     positions = torch.randint(0, 300, (3, 2, 17), generator=torch.Generator().manual_seed(0))
-    hf_cos, hf_sin = hf_qwen.Qwen3_5TextRotaryEmbedding(text)(torch.zeros(1, dtype=torch.float32), positions)
-    module = mrope.InterleavedMRoPE(kv_channels=text.head_dim, rotary_percent=rope["partial_rotary_factor"], rotary_base=rope["rope_theta"])
+    hf_cos, hf_sin = hf_qwen.Qwen3_5TextRotaryEmbedding(text)(
+        torch.zeros(1, dtype=torch.float32), positions
+    )
+    module = mrope.InterleavedMRoPE(
+        kv_channels=text.head_dim,
+        rotary_percent=rope["partial_rotary_factor"],
+        rotary_base=rope["rope_theta"],
+    )
     angles = module(positions, rope["mrope_section"]).squeeze(2).transpose(0, 1)  # [b, s, rot]
-    assert torch.allclose(angles.cos(), hf_cos, atol=1e-6) and torch.allclose(angles.sin(), hf_sin, atol=1e-6)
+    assert torch.allclose(angles.cos(), hf_cos, atol=1e-6) and torch.allclose(
+        angles.sin(), hf_sin, atol=1e-6
+    )
 
 
 def test_megatron_contiguous_sections_differ_from_hf() -> None:
     """FACTS.md section 8: megatron-core's multimodal rotary embedding is not Qwen3.5's."""
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import MultimodalRotaryEmbedding
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import (
+        MultimodalRotaryEmbedding,
+    )
 
     from codegen.runtime.megatron_shims import install_cpu_shims
 
@@ -93,7 +111,11 @@ def test_megatron_contiguous_sections_differ_from_hf() -> None:
     rope = text.rope_parameters
     positions = torch.randint(0, 300, (3, 1, 17), generator=torch.Generator().manual_seed(0))
     hf_cos, _ = hf_qwen.Qwen3_5TextRotaryEmbedding(text)(torch.zeros(1), positions)
-    contiguous = MultimodalRotaryEmbedding(kv_channels=text.head_dim, rotary_percent=rope["partial_rotary_factor"], rotary_base=rope["rope_theta"])
+    contiguous = MultimodalRotaryEmbedding(
+        kv_channels=text.head_dim,
+        rotary_percent=rope["partial_rotary_factor"],
+        rotary_base=rope["rope_theta"],
+    )
     angles = contiguous(positions, list(rope["mrope_section"])).squeeze(2).transpose(0, 1)
     assert (angles.cos() - hf_cos).abs().max() > 0.5
 
@@ -108,7 +130,9 @@ def test_position_table_resampling_equals_hf() -> None:
         GRIDS, num_grid_per_side=8, mode="bilinear", align_corners=True, spatial_merge_size=MERGE
     )
     expected = (table[indices] * weights[:, :, None]).sum(1)
-    assert torch.allclose(vision_grid.interpolated_position_embeddings(table, GRIDS, MERGE), expected, atol=1e-6)
+    assert torch.allclose(
+        vision_grid.interpolated_position_embeddings(table, GRIDS, MERGE), expected, atol=1e-6
+    )
 
 
 def test_vision_rotary_angles_equal_hf() -> None:
@@ -116,12 +140,16 @@ def test_vision_rotary_angles_equal_hf() -> None:
     positions = vision_utils.get_vision_position_ids(GRIDS, MERGE)
     hf_cos, hf_sin = hf_qwen.Qwen3_5VisionRotaryEmbedding(config)(torch.zeros(1), positions)
     angles = vision_grid.rotary_angles(GRIDS, MERGE, head_dim=24, theta=10000).squeeze(1).squeeze(1)
-    assert torch.allclose(angles.cos(), hf_cos, atol=1e-6) and torch.allclose(angles.sin(), hf_sin, atol=1e-6)
+    assert torch.allclose(angles.cos(), hf_cos, atol=1e-6) and torch.allclose(
+        angles.sin(), hf_sin, atol=1e-6
+    )
 
 
 def test_each_frame_attends_alone() -> None:
     assert vision_grid.frame_boundaries(GRIDS).tolist() == [0, 24, 48, 72, 76]
-    assert torch.equal(vision_grid.frame_boundaries(GRIDS), vision_utils.get_vision_cu_seqlens(GRIDS))
+    assert torch.equal(
+        vision_grid.frame_boundaries(GRIDS), vision_utils.get_vision_cu_seqlens(GRIDS)
+    )
 
 
 def test_block_order_by_hand_and_its_error() -> None:

@@ -37,7 +37,9 @@ class BridgeBase:
             counts = Counter(name for g in groups for name in getattr(g, side))
             repeated = sorted(n for n, c in counts.items() if c > 1)
             if repeated:
-                raise ValueError(f"{self.model_id}: {side} tensor {repeated[0]} is mapped more than once")
+                raise ValueError(
+                    f"{self.model_id}: {side} tensor {repeated[0]} is mapped more than once"
+                )
         return groups
 
     @cached_property
@@ -71,14 +73,20 @@ class BridgeBase:
 
         params_dtype = params_dtype or torch.float32
         settings = {} if transformer_engine_available() else cpu_config_overrides()
-        settings |= {"params_dtype": params_dtype, "pipeline_dtype": params_dtype, "bf16": params_dtype == torch.bfloat16} | overrides
+        settings |= {
+            "params_dtype": params_dtype,
+            "pipeline_dtype": params_dtype,
+            "bf16": params_dtype == torch.bfloat16,
+        } | overrides
         return build_gpt_model(self.transformer_config(**settings), **self.gpt_model_args)
 
     def _prefix(self, model: Any) -> str:
         """A language model alone holds the `language_model.` part of a VL checkpoint."""
         return "" if hasattr(model, "vision_model") else self.megatron_prefix
 
-    def load_hf(self, model: Any, hf_dir: str | Path, *, options: ConvertOptions = ConvertOptions()) -> None:
+    def load_hf(
+        self, model: Any, hf_dir: str | Path, *, options: ConvertOptions = ConvertOptions()
+    ) -> None:
         """Load an HF checkpoint folder into `model` (this rank's shard of it). The checkpoint must
         hold exactly the bridge's tensors, with the bridge's shapes."""
         from codegen.runtime import live

@@ -65,7 +65,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         head = f.read(8)
         length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
         if length < 0 or length > min(size - 8, MAX_HEADER_BYTES):
-            raise ConversionError(f"{path}: unreadable safetensors file, truncated or corrupt (bad header length)")
+            raise ConversionError(
+                f"{path}: unreadable safetensors file, truncated or corrupt (bad header length)"
+            )
         raw = f.read(length)
     try:
         header = json.loads(raw)
@@ -76,17 +78,32 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             shape = tuple(int(d) for d in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
             if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
-                raise ValueError(f"{name}: {end - begin} bytes for shape {list(shape)} {entry['dtype']}")
+                raise ValueError(
+                    f"{name}: {end - begin} bytes for shape {list(shape)} {entry['dtype']}"
+                )
             tensors[name] = TensorInfo(path.name, dtype, shape, 8 + length + begin, end - begin)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ConversionError(f"{path}: unreadable safetensors file, truncated or corrupt ({e!r})") from None
+    except (
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        KeyError,
+        TypeError,
+        ValueError,
+        AttributeError,
+    ) as e:
+        raise ConversionError(
+            f"{path}: unreadable safetensors file, truncated or corrupt ({e!r})"
+        ) from None
     covered = 8 + length
     for info in sorted(tensors.values(), key=lambda t: t.offset):
         if info.offset != covered:
-            raise ConversionError(f"{path}: unreadable safetensors file, truncated or corrupt (tensor data is not contiguous)")
+            raise ConversionError(
+                f"{path}: unreadable safetensors file, truncated or corrupt (tensor data is not contiguous)"
+            )
         covered += info.nbytes
     if covered != size:
-        raise ConversionError(f"{path}: unreadable safetensors file, truncated or corrupt ({size} bytes, header describes {covered})")
+        raise ConversionError(
+            f"{path}: unreadable safetensors file, truncated or corrupt ({size} bytes, header describes {covered})"
+        )
     return tensors
 
 
@@ -126,21 +143,31 @@ class CheckpointReader:
         for file in files:
             if not (self.directory / file).is_file():
                 example = next(k for k, v in weight_map.items() if v == file)
-                raise ConversionError(f"{self.directory / file}: shard named by the index (for {example}) does not exist")
+                raise ConversionError(
+                    f"{self.directory / file}: shard named by the index (for {example}) does not exist"
+                )
         for file in files:
             path = self.directory / file
             for name, info in read_header(path).items():
                 if name in self.tensors:
-                    raise ConversionError(f"{name}: duplicate tensor, in {self.tensors[name].file} and {file}")
+                    raise ConversionError(
+                        f"{name}: duplicate tensor, in {self.tensors[name].file} and {file}"
+                    )
                 if weight_map is not None and weight_map.get(name) != file:
-                    listed = f"the index puts it in {weight_map[name]}" if name in weight_map else "the index does not list it"
+                    listed = (
+                        f"the index puts it in {weight_map[name]}"
+                        if name in weight_map
+                        else "the index does not list it"
+                    )
                     raise ConversionError(f"{path}: holds tensor {name}, but {listed}")
                 self.tensors[name] = info
             self._fds[file] = os.open(path, os.O_RDONLY)
         if weight_map is not None:
             for name, file in weight_map.items():
                 if name not in self.tensors:
-                    raise ConversionError(f"{self.directory / file}: lacks tensor {name}, which the index puts there")
+                    raise ConversionError(
+                        f"{self.directory / file}: lacks tensor {name}, which the index puts there"
+                    )
 
     def names(self) -> set[str]:
         return set(self.tensors)
@@ -174,9 +201,16 @@ class CheckpointReader:
             return {name: torch.empty(info.shape, dtype=info.dtype) for name, info in run}
         start = first.offset - first.offset % mmap.ALLOCATIONGRANULARITY
         try:
-            mapped = mmap.mmap(self._fds[first.file], last.offset + last.nbytes - start, offset=start, access=mmap.ACCESS_COPY)
+            mapped = mmap.mmap(
+                self._fds[first.file],
+                last.offset + last.nbytes - start,
+                offset=start,
+                access=mmap.ACCESS_COPY,
+            )
         except (OSError, ValueError) as e:
-            raise ConversionError(f"{self.directory / first.file}: cannot read tensor {run[0][0]} ({e})") from None
+            raise ConversionError(
+                f"{self.directory / first.file}: cannot read tensor {run[0][0]} ({e})"
+            ) from None
         whole = torch.frombuffer(mapped, dtype=torch.uint8)
         out = {}
         for name, info in run:
@@ -184,7 +218,9 @@ class CheckpointReader:
             if at % info.dtype.itemsize == 0:  # views of one storage: stacked tensors stay views
                 data = whole[at : at + info.nbytes].view(info.dtype)
             else:  # a writer that did not align the data
-                data = torch.frombuffer(mapped, dtype=info.dtype, offset=at, count=math.prod(info.shape))
+                data = torch.frombuffer(
+                    mapped, dtype=info.dtype, offset=at, count=math.prod(info.shape)
+                )
             out[name] = data.reshape(info.shape)
         return out
 

@@ -24,7 +24,13 @@ from codegen.runtime import fp8
 from codegen.runtime.checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointReader, staged_directory
 from codegen.runtime.fp8 import DequantizingReader
 from codegen.runtime.mappings import ConvertOptions, Group, Shape
-from codegen.runtime.safetensors_stream import Opener, Planned, StreamingWriter, plan_shards, write_index
+from codegen.runtime.safetensors_stream import (
+    Opener,
+    Planned,
+    StreamingWriter,
+    plan_shards,
+    write_index,
+)
 
 RECORD = "codegen.json"
 HF_CONFIG = "hf_config.json"
@@ -67,15 +73,21 @@ def check_source(reader: CheckpointReader, expected: Mapping[str, Shape], what: 
     missing = sorted(set(expected) - names)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ConversionError(f"{missing[0]}: missing from the {what} checkpoint at {reader.directory}{more}")
+        raise ConversionError(
+            f"{missing[0]}: missing from the {what} checkpoint at {reader.directory}{more}"
+        )
     unexpected = sorted(names - set(expected))
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise ConversionError(f"{unexpected[0]}: unexpected tensor in the {what} checkpoint at {reader.directory}, not in the bridge{more}")
+        raise ConversionError(
+            f"{unexpected[0]}: unexpected tensor in the {what} checkpoint at {reader.directory}, not in the bridge{more}"
+        )
     for name, shape in expected.items():
         found = reader.shape(name)
         if found != tuple(shape):
-            raise ConversionError(f"{name}: shape {list(found)} in {reader.file(name)}, but the bridge expects {list(shape)}")
+            raise ConversionError(
+                f"{name}: shape {list(found)} in {reader.file(name)}, but the bridge expects {list(shape)}"
+            )
 
 
 def read_group(reader: Any, names: list[str]) -> dict[str, torch.Tensor]:
@@ -94,12 +106,17 @@ def group_dtype(reader: CheckpointReader, names: Sequence[str]) -> torch.dtype:
     return dtypes.pop()
 
 
-def plan(groups: Sequence[Group], reader: CheckpointReader, source_side: str, target_side: str) -> list[Planned]:
+def plan(
+    groups: Sequence[Group], reader: CheckpointReader, source_side: str, target_side: str
+) -> list[Planned]:
     """Every output tensor, in write order, with its dtype (the group's) and shape (the table's)."""
     planned = []
     for group in groups:
         dtype = group_dtype(reader, list(getattr(group, source_side)))
-        planned += [Planned(name, dtype, tuple(shape)) for name, shape in getattr(group, target_side).items()]
+        planned += [
+            Planned(name, dtype, tuple(shape))
+            for name, shape in getattr(group, target_side).items()
+        ]
     return planned
 
 
@@ -121,12 +138,16 @@ def convert_directory(
     planned = plan(groups, reader, source_side, target_side)
     if stage is not None:
         planned = [q for p in planned for q in stage.plan(p)]
-    writer = StreamingWriter(destination, plan_shards(planned, max_shard_bytes), metadata=index_metadata, opener=opener)
+    writer = StreamingWriter(
+        destination, plan_shards(planned, max_shard_bytes), metadata=index_metadata, opener=opener
+    )
     progress.start(len(planned), sum(p.nbytes for p in planned))
     read = 0
     try:
         for group in groups:
-            read += _convert_group(group, reader, writer, to_target, source_side, target_side, stage, progress)
+            read += _convert_group(
+                group, reader, writer, to_target, source_side, target_side, stage, progress
+            )
         writer.close()
     except BaseException:
         writer.abort()
@@ -137,13 +158,26 @@ def convert_directory(
     return Report(read, len(planned), writer.bytes_written)
 
 
-def _convert_group(group: Group, reader: Any, writer: StreamingWriter, to_target: Callable[[Group, dict[str, torch.Tensor]], dict[str, torch.Tensor]], source_side: str, target_side: str, stage: OutputStage | None, progress: Progress) -> int:
+def _convert_group(
+    group: Group,
+    reader: Any,
+    writer: StreamingWriter,
+    to_target: Callable[[Group, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    source_side: str,
+    target_side: str,
+    stage: OutputStage | None,
+    progress: Progress,
+) -> int:
     """One group read, converted and written; its tensors die when this returns, so memory holds
     one group at a time. Returns the number of tensors read."""
     tensors = read_group(reader, list(getattr(group, source_side)))
     out = to_target(group, tensors)
     if stage is not None:
-        out = {k: v for name in getattr(group, target_side) for k, v in stage.apply(name, out[name]).items()}
+        out = {
+            k: v
+            for name in getattr(group, target_side)
+            for k, v in stage.apply(name, out[name]).items()
+        }
     for name, tensor in out.items():
         writer.write(name, tensor)
     progress.advance(len(out), sum(t.numel() * t.element_size() for t in out.values()))
@@ -175,7 +209,12 @@ def hf_to_megatron(
         reader: Any = raw
         if bridge.quantization is not None:
             q = bridge.quantization
-            reader = DequantizingReader(raw, block=q["weight_block_size"], modules_to_not_convert=q["modules_to_not_convert"], dtype=dequantize_to)
+            reader = DequantizingReader(
+                raw,
+                block=q["weight_block_size"],
+                modules_to_not_convert=q["modules_to_not_convert"],
+                dtype=dequantize_to,
+            )
             record["fp8_tensors"] = sorted(reader.quantized)
         check_source(reader, bridge.hf_shapes, "HF")
         with staged_directory(destination, force=force) as staging:
@@ -183,12 +222,21 @@ def hf_to_megatron(
                 report = _write_torch_dist(bridge, reader, staging, options, progress)
             else:
                 report = convert_directory(
-                    bridge.groups, reader, staging, lambda g, ts: g.to_megatron(ts, options),
-                    source_side="hf", target_side="megatron", max_shard_bytes=max_shard_bytes,
-                    index_metadata={"format": MEGATRON_SAFETENSORS}, progress=progress, opener=opener,
+                    bridge.groups,
+                    reader,
+                    staging,
+                    lambda g, ts: g.to_megatron(ts, options),
+                    source_side="hf",
+                    target_side="megatron",
+                    max_shard_bytes=max_shard_bytes,
+                    index_metadata={"format": MEGATRON_SAFETENSORS},
+                    progress=progress,
+                    opener=opener,
                 )
             copy_hf_files(Path(source), staging)
-            (staging / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            (staging / RECORD).write_text(
+                json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+            )
     return report
 
 
@@ -215,9 +263,17 @@ def megatron_to_hf(
         check_source(reader, bridge.megatron_shapes, "Megatron")
         with staged_directory(destination, force=force) as staging:
             report = convert_directory(
-                bridge.groups, reader, staging, lambda g, ts: g.to_hf(ts),
-                source_side="megatron", target_side="hf", max_shard_bytes=max_shard_bytes,
-                index_metadata={}, progress=progress, opener=opener, stage=stage,
+                bridge.groups,
+                reader,
+                staging,
+                lambda g, ts: g.to_hf(ts),
+                source_side="megatron",
+                target_side="hf",
+                max_shard_bytes=max_shard_bytes,
+                index_metadata={},
+                progress=progress,
+                opener=opener,
+                stage=stage,
             )
             restore_hf_files(Path(source), staging, quantized=stage is not None)
     return report
@@ -232,7 +288,9 @@ class Requantize(OutputStage):
     def plan(self, planned: Planned) -> list[Planned]:
         if planned.name not in self.names:
             return [planned]
-        scale = Planned(fp8.scale_name(planned.name), torch.float32, fp8.scale_shape(planned.shape, self.block))
+        scale = Planned(
+            fp8.scale_name(planned.name), torch.float32, fp8.scale_shape(planned.shape, self.block)
+        )
         return [Planned(planned.name, fp8.FP8, planned.shape), scale]
 
     def apply(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -242,7 +300,9 @@ class Requantize(OutputStage):
         return {name: weight, fp8.scale_name(name): scale}
 
 
-def _write_torch_dist(bridge: BridgeBase, reader: Any, staging: Path, options: ConvertOptions, progress: Progress) -> Report:
+def _write_torch_dist(
+    bridge: BridgeBase, reader: Any, staging: Path, options: ConvertOptions, progress: Progress
+) -> Report:
     from codegen.runtime import torch_dist
 
     planned = plan(bridge.groups, reader, "hf", "megatron")
@@ -253,7 +313,9 @@ def _write_torch_dist(bridge: BridgeBase, reader: Any, staging: Path, options: C
 
     progress.start(len(planned), sum(p.nbytes for p in planned))
     try:
-        written = torch_dist.write(bridge, staging, convert, dtypes.__getitem__, on_chunk=lambda n: progress.advance(0, n))
+        written = torch_dist.write(
+            bridge, staging, convert, dtypes.__getitem__, on_chunk=lambda n: progress.advance(0, n)
+        )
     finally:
         progress.finish()
     return Report(len(bridge.hf_shapes), len(planned), written)
@@ -274,7 +336,9 @@ def _megatron_reader(bridge: BridgeBase, source: Path) -> Iterator[Any]:
 def read_record(source: Path) -> dict[str, Any]:
     path = Path(source) / RECORD
     if not path.is_file():
-        raise ConversionError(f"{source}: no {RECORD}; not a Megatron checkpoint written by codegen convert")
+        raise ConversionError(
+            f"{source}: no {RECORD}; not a Megatron checkpoint written by codegen convert"
+        )
     return json.loads(path.read_text(encoding="utf-8"))
 
 

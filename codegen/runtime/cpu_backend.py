@@ -69,9 +69,7 @@ def _norm(x: Tensor, normalization: str, eps: float) -> Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     if normalization == "LayerNorm":
         return F.layer_norm(x, x.shape[-1:], eps=eps)
-    raise ValueError(
-        f"normalization {normalization!r}: expected 'RMSNorm' or 'LayerNorm'"
-    )
+    raise ValueError(f"normalization {normalization!r}: expected 'RMSNorm' or 'LayerNorm'")
 
 
 def _affine(
@@ -120,9 +118,7 @@ class CPUNorm(_TEExtraState, nn.Module):
         self.normalization = config.normalization
         self.zero_centered_gamma = config.layernorm_zero_centered_gamma
         self.eps = eps
-        self.weight, self.bias = _norm_parameters(
-            config, hidden_size, config.sequence_parallel
-        )
+        self.weight, self.bias = _norm_parameters(config, hidden_size, config.sequence_parallel)
 
     def forward(self, x: Tensor) -> Tensor:
         y = _norm(x, self.normalization, self.eps)
@@ -159,23 +155,15 @@ class _CPULinear(_TEExtraState, nn.Module):
         if parallel_mode == "duplicated":
             self._tp_group, tp_size = None, 1
         else:
-            self._tp_group = get_tensor_model_parallel_group_if_none(
-                tp_group, is_expert=is_expert
-            )
+            self._tp_group = get_tensor_model_parallel_group_if_none(tp_group, is_expert=is_expert)
             tp_size = self._tp_group.size() if self._tp_group is not None else 1
-        self.communicates = (
-            parallel_mode in ("column", "row") and not is_expert and tp_size > 1
-        )
+        self.communicates = parallel_mode in ("column", "row") and not is_expert and tp_size > 1
         out_local = output_size // tp_size if parallel_mode == "column" else output_size
         in_local = input_size // tp_size if parallel_mode == "row" else input_size
         self.in_features, self.out_features = in_local, out_local
-        self.weight = nn.Parameter(
-            torch.empty(out_local, in_local, dtype=config.params_dtype)
-        )
+        self.weight = nn.Parameter(torch.empty(out_local, in_local, dtype=config.params_dtype))
         self.bias = (
-            nn.Parameter(torch.zeros(out_local, dtype=config.params_dtype))
-            if bias
-            else None
+            nn.Parameter(torch.zeros(out_local, dtype=config.params_dtype)) if bias else None
         )
         self._init_weight(init_method)
         self._mark_parameters()
@@ -191,9 +179,7 @@ class _CPULinear(_TEExtraState, nn.Module):
         partition_dim = {"column": 0, "row": 1}.get(self.parallel_mode)
         for name, param in self.named_parameters(recurse=False):
             param.allreduce = not self.is_expert
-            if partition_dim is not None and (
-                name == "weight" or self.parallel_mode == "column"
-            ):
+            if partition_dim is not None and (name == "weight" or self.parallel_mode == "column"):
                 set_tensor_model_parallel_attributes(param, True, partition_dim, 1)
             else:  # replicated over TP: sequence-parallel grads need the TP all-reduce
                 param.sequence_parallel = self.sequence_parallel
@@ -208,9 +194,7 @@ class _CPULinear(_TEExtraState, nn.Module):
     def _output(self, y: Tensor) -> Tensor:
         if self.communicates and self.parallel_mode == "row":
             if self.sequence_parallel:
-                return reduce_scatter_to_sequence_parallel_region(
-                    y, group=self._tp_group
-                )
+                return reduce_scatter_to_sequence_parallel_region(y, group=self._tp_group)
             return reduce_from_tensor_model_parallel_region(y, group=self._tp_group)
         return y
 
@@ -271,9 +255,7 @@ class CPULinear(_CPULinear):
         name: str | None = None,
     ) -> None:
         if skip_weight_param_allocation:
-            raise ValueError(
-                "Transformer Engine linear layers allocate their own weights"
-            )
+            raise ValueError("Transformer Engine linear layers allocate their own weights")
         super().__init__(
             input_size,
             output_size,
@@ -341,9 +323,7 @@ class CPURowParallelLinear(_CPULinear):
         name: str | None = None,
     ) -> None:
         if not input_is_parallel:
-            raise ValueError(
-                "Transformer Engine row-parallel layers need a parallel input"
-            )
+            raise ValueError("Transformer Engine row-parallel layers need a parallel input")
         super().__init__(
             input_size,
             output_size,
@@ -382,9 +362,7 @@ class CPULayerNormColumnParallelLinear(CPUColumnParallelLinear):
         name: str | None = None,
     ) -> None:
         if is_expert:
-            raise ValueError(
-                "Transformer Engine layer-norm linear layers do not support MoE"
-            )
+            raise ValueError("Transformer Engine layer-norm linear layers do not support MoE")
         super().__init__(
             input_size,
             output_size,
@@ -462,9 +440,7 @@ class _CPUGroupedLinear(_TEExtraState, nn.Module):
         in_local = input_size // tp_size if parallel_mode == "row" else input_size
         self.in_features, self.out_features = in_local, out_local
         for i in range(num_gemms):
-            weight = nn.Parameter(
-                torch.empty(out_local, in_local, dtype=config.params_dtype)
-            )
+            weight = nn.Parameter(torch.empty(out_local, in_local, dtype=config.params_dtype))
             if config.perform_initialization:
                 init_method(weight)
             else:
@@ -484,19 +460,10 @@ class _CPUGroupedLinear(_TEExtraState, nn.Module):
     def _tp_axis(self) -> int:
         return 0 if self.parallel_mode == "column" else 1
 
-    def forward(
-        self, x: Tensor, m_splits: list[int]
-    ) -> tuple[Tensor, list[Tensor] | None]:
+    def forward(self, x: Tensor, m_splits: list[int]) -> tuple[Tensor, list[Tensor] | None]:
         chunks = torch.split(x, m_splits)
-        outs = [
-            F.linear(chunk, getattr(self, f"weight{i}"))
-            for i, chunk in enumerate(chunks)
-        ]
-        biases = (
-            [getattr(self, f"bias{i}") for i in range(self.num_gemms)]
-            if self.use_bias
-            else []
-        )
+        outs = [F.linear(chunk, getattr(self, f"weight{i}")) for i, chunk in enumerate(chunks)]
+        biases = [getattr(self, f"bias{i}") for i in range(self.num_gemms)] if self.use_bias else []
         if biases and not self.skip_bias_add:
             outs = [out + b for out, b in zip(outs, biases)]
         return torch.cat(outs), (biases if biases and self.skip_bias_add else None)
@@ -543,9 +510,7 @@ class _CPUGroupedLinear(_TEExtraState, nn.Module):
             )
             replace_prefix_for_sharding(sub, f"{i}.", expert_prefix)
             result[f"{prefix}weight{i}"] = sub[f"{i}.weight"]
-            result[f"{prefix}_extra_state{'' if i == 0 else i}"] = sub[
-                f"{i}._extra_state"
-            ]
+            result[f"{prefix}_extra_state{'' if i == 0 else i}"] = sub[f"{i}._extra_state"]
             if self.use_bias:
                 result[f"{prefix}bias{i}"] = sub[f"{i}.bias"]
         self._set_expert_data_parallel_replica_ids(result)
@@ -608,9 +573,7 @@ def _attend(
         allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal)
     if mask is not None and mask_type in _USES_MASK_TENSOR:
         allowed = ~mask if allowed is None else allowed & ~mask
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=allowed, dropout_p=p, scale=scale
-    )
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, scale=scale)
 
 
 class CPUDotProductAttention(_TEExtraState, nn.Module):
@@ -643,9 +606,7 @@ class CPUDotProductAttention(_TEExtraState, nn.Module):
         self.attn_mask_type = attn_mask_type
         kv_channels = k_channels or config.kv_channels
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(kv_channels)
-        self.dropout = (
-            config.attention_dropout if attention_dropout is None else attention_dropout
-        )
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
     def forward(
         self,
@@ -666,9 +627,7 @@ class CPUDotProductAttention(_TEExtraState, nn.Module):
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         k, v = self._expand_groups(q, k), self._expand_groups(q, v)
-        out = _attend(
-            q, k, v, attention_mask, mask_type, self.softmax_scale, self._dropout_p()
-        )
+        out = _attend(q, k, v, attention_mask, mask_type, self.softmax_scale, self._dropout_p())
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
@@ -700,9 +659,7 @@ class CPUDotProductAttention(_TEExtraState, nn.Module):
             k = key[skv0 : skv0 + lkv].transpose(0, 1).unsqueeze(0)
             v = value[skv0 : skv0 + lkv].transpose(0, 1).unsqueeze(0)
             k, v = self._expand_groups(q, k), self._expand_groups(q, v)
-            seg = _attend(
-                q, k, v, None, mask_type, self.softmax_scale, self._dropout_p()
-            )
+            seg = _attend(q, k, v, None, mask_type, self.softmax_scale, self._dropout_p())
             out[sq0 : sq0 + lq] = seg.squeeze(0).transpose(0, 1)
         return out.reshape(out.shape[0], -1)
 
@@ -748,9 +705,7 @@ class CPUSpecProvider(BackendSpecProvider):
     def core_attention(self) -> type:
         return CPUDotProductAttention
 
-    def grouped_mlp_modules(
-        self, moe_use_grouped_gemm: bool
-    ) -> Callable[..., nn.Module]:
+    def grouped_mlp_modules(self, moe_use_grouped_gemm: bool) -> Callable[..., nn.Module]:
         if moe_use_grouped_gemm:
             return partial(
                 TEGroupedMLP,

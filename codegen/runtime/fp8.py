@@ -33,23 +33,37 @@ def scale_shape(shape: Sequence[int], block: tuple[int, int]) -> tuple[int, ...]
 
 
 def _per_element(scale: torch.Tensor, block: tuple[int, int], rows: int, cols: int) -> torch.Tensor:
-    return scale.repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(block[1], dim=-1)[..., :cols]
+    return scale.repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(
+        block[1], dim=-1
+    )[..., :cols]
 
 
-def dequantize(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+def dequantize(
+    weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
     rows, cols = weight.shape[-2:]
-    return (weight.to(torch.float32) * _per_element(scale.to(torch.float32), block, rows, cols)).to(dtype)
+    return (weight.to(torch.float32) * _per_element(scale.to(torch.float32), block, rows, cols)).to(
+        dtype
+    )
 
 
-def quantize(weight: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(
+    weight: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(float8 weight, scale_inv): each block scaled so its largest magnitude is FP8's maximum."""
     rows, cols = weight.shape[-2:]
     tiles = scale_shape(weight.shape, block)[-2:]
     w = weight.to(torch.float32)
-    padded = torch.nn.functional.pad(w.abs(), (0, tiles[1] * block[1] - cols, 0, tiles[0] * block[0] - rows))
+    padded = torch.nn.functional.pad(
+        w.abs(), (0, tiles[1] * block[1] - cols, 0, tiles[0] * block[0] - rows)
+    )
     amax = padded.reshape(*w.shape[:-2], tiles[0], block[0], tiles[1], block[1]).amax(dim=(-3, -1))
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).to(scale_dtype)
-    q = (w / _per_element(scale.to(torch.float32), block, rows, cols)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    q = (
+        (w / _per_element(scale.to(torch.float32), block, rows, cols))
+        .clamp(-FP8_MAX, FP8_MAX)
+        .to(FP8)
+    )
     return q, scale
 
 
@@ -62,7 +76,14 @@ def not_converted(name: str, modules: Sequence[str]) -> bool:
 class DequantizingReader:
     """A CheckpointReader's view in which FP8 weights are plain tensors and scales are consumed."""
 
-    def __init__(self, reader: CheckpointReader, *, block: Sequence[int], modules_to_not_convert: Sequence[str], dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(
+        self,
+        reader: CheckpointReader,
+        *,
+        block: Sequence[int],
+        modules_to_not_convert: Sequence[str],
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
         self._reader = reader
         self.directory = reader.directory
         self._block = (int(block[0]), int(block[1]))
@@ -81,13 +102,19 @@ class DequantizingReader:
                 raise ConversionError(f"{name}: float8 weight without its scale {scale}")
             expected = scale_shape(reader.shape(name), self._block)
             if reader.shape(scale) != expected:
-                raise ConversionError(f"{scale}: shape {list(reader.shape(scale))}, expected {list(expected)} for {self._block} blocks of {name}")
+                raise ConversionError(
+                    f"{scale}: shape {list(reader.shape(scale))}, expected {list(expected)} for {self._block} blocks of {name}"
+                )
             if not_converted(name, modules_to_not_convert):
-                raise ConversionError(f"{name}: float8, but its module is in modules_to_not_convert")
+                raise ConversionError(
+                    f"{name}: float8, but its module is in modules_to_not_convert"
+                )
             self.quantized[name] = scale
         for name in reader.names():
             if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] not in self.quantized:
-                raise ConversionError(f"{name}: a scale for {name[: -len(SCALE_SUFFIX)]}, which is not float8")
+                raise ConversionError(
+                    f"{name}: a scale for {name[: -len(SCALE_SUFFIX)]}, which is not float8"
+                )
 
     def names(self) -> set[str]:
         return {n for n in self._reader.names() if not n.endswith(SCALE_SUFFIX)}
@@ -106,4 +133,3 @@ class DequantizingReader:
         if name not in self.quantized:
             return tensor
         return dequantize(tensor, self._reader.get(self.quantized[name]), self._block, self._dtype)
-

@@ -36,9 +36,15 @@ def global_parameters(model: torch.nn.Module, prefix: str) -> dict[str, list[tor
     decoder = getattr(model, "decoder", None)
     if decoder is not None:
         layer_numbers = {str(i): layer.layer_number - 1 for i, layer in enumerate(decoder.layers)}
-    local_experts = model.config.num_moe_experts // parallel_state.get_expert_model_parallel_world_size() if model.config.num_moe_experts else 0
+    local_experts = (
+        model.config.num_moe_experts // parallel_state.get_expert_model_parallel_world_size()
+        if model.config.num_moe_experts
+        else 0
+    )
     expert_offset = parallel_state.get_expert_model_parallel_rank() * local_experts
-    tied_copy = getattr(model, "share_embeddings_and_output_weights", False) and not getattr(model, "pre_process", True)
+    tied_copy = getattr(model, "share_embeddings_and_output_weights", False) and not getattr(
+        model, "pre_process", True
+    )
 
     params: dict[str, list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
@@ -71,7 +77,9 @@ def load(
     params = global_parameters(model, prefix)
     unknown = sorted(set(params) - set(bridge.megatron_shapes))
     if unknown:
-        raise ConversionError(f"{unknown[0]}: a parameter of the Megatron model that the bridge does not map")
+        raise ConversionError(
+            f"{unknown[0]}: a parameter of the Megatron model that the bridge does not map"
+        )
     assigned: set[str] = set()
     for group in bridge.groups:
         wanted = [name for name in group.megatron if name in params]
@@ -88,13 +96,17 @@ def load(
 
 
 @torch.no_grad()
-def load_megatron(bridge: BridgeBase, model: torch.nn.Module, read: Callable[[str], Tensor], *, prefix: str) -> None:
+def load_megatron(
+    bridge: BridgeBase, model: torch.nn.Module, read: Callable[[str], Tensor], *, prefix: str
+) -> None:
     """Fill `model` from full Megatron tensors (global names) given by `read(name)`."""
     params = global_parameters(model, prefix)
     splits = {name: group.split for group in bridge.groups for name in group.megatron}
     for name, param in params.items():
         if name not in splits:
-            raise ConversionError(f"{name}: a parameter of the Megatron model that the bridge does not map")
+            raise ConversionError(
+                f"{name}: a parameter of the Megatron model that the bridge does not map"
+            )
         rank, size = _tp_rank_and_size(name)
         _copy_into(param, splits[name].shard(read(name), rank, size), name)
 
@@ -130,14 +142,20 @@ def export(bridge: BridgeBase, model: torch.nn.Module, *, prefix: str) -> dict[s
 def _copy_into(params: list[torch.nn.Parameter], piece: Tensor, name: str) -> None:
     for param in params:
         if tuple(piece.shape) != tuple(param.shape):
-            raise ConversionError(f"{name}: this rank's slice is {list(piece.shape)} but the model's parameter is {list(param.shape)}")
+            raise ConversionError(
+                f"{name}: this rank's slice is {list(piece.shape)} but the model's parameter is {list(param.shape)}"
+            )
         param.copy_(piece)
 
 
 def _gather(tensor: Tensor, name: str) -> list[Tensor]:
     from megatron.core import parallel_state as ps
 
-    group = ps.get_expert_tensor_parallel_group() if _is_expert(name) else ps.get_tensor_model_parallel_group()
+    group = (
+        ps.get_expert_tensor_parallel_group()
+        if _is_expert(name)
+        else ps.get_tensor_model_parallel_group()
+    )
     pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(pieces, tensor.contiguous(), group=group)
     return pieces

@@ -47,7 +47,9 @@ class Group:
     megatron: dict[str, Shape]
     split: Split
     kind: str
-    to_megatron: Callable[[Tensors, ConvertOptions], dict[str, Tensor]] = field(repr=False, compare=False)
+    to_megatron: Callable[[Tensors, ConvertOptions], dict[str, Tensor]] = field(
+        repr=False, compare=False
+    )
     to_hf: Callable[[Tensors], dict[str, Tensor]] = field(repr=False, compare=False)
 
 
@@ -65,7 +67,9 @@ class MappingBase:
     def _groups(self, index: dict[str, int]) -> Iterator[Group]:
         raise NotImplementedError
 
-    def _group(self, hf: dict[str, Shape], megatron: dict[str, Shape], split: Split, to_megatron, to_hf) -> Group:
+    def _group(
+        self, hf: dict[str, Shape], megatron: dict[str, Shape], split: Split, to_megatron, to_hf
+    ) -> Group:
         return Group(hf, megatron, split, type(self).__name__, to_megatron, to_hf)
 
 
@@ -110,7 +114,11 @@ class GatedQKV(MappingBase):
     def _groups(self, index: dict[str, int]) -> Iterator[Group]:
         meg, q, k, v = (n.format(**index) for n in (self.megatron, self.q, self.k, self.v))
         d, dims = self.dims, self.dims
-        hf = {q: (d.heads * 2 * d.head_dim, self.hidden), k: (d.kv_heads * d.head_dim, self.hidden), v: (d.kv_heads * d.head_dim, self.hidden)}
+        hf = {
+            q: (d.heads * 2 * d.head_dim, self.hidden),
+            k: (d.kv_heads * d.head_dim, self.hidden),
+            v: (d.kv_heads * d.head_dim, self.hidden),
+        }
         rows = d.kv_heads * (2 * d.group_size + 2) * d.head_dim
         yield self._group(
             hf,
@@ -178,7 +186,13 @@ class GDNConv1d(MappingBase):
     def _groups(self, index: dict[str, int]) -> Iterator[Group]:
         meg, hf = self.megatron.format(**index), self.hf.format(**index)
         shape = (sum(self.dims.conv_sections), 1, self.kernel)
-        yield self._group({hf: shape}, {meg: shape}, sections(*self.dims.conv_sections), lambda ts, _o: {meg: ts[hf]}, lambda ts: {hf: ts[meg]})
+        yield self._group(
+            {hf: shape},
+            {meg: shape},
+            sections(*self.dims.conv_sections),
+            lambda ts, _o: {meg: ts[hf]},
+            lambda ts: {hf: ts[meg]},
+        )
 
 
 @dataclass(frozen=True)
@@ -194,7 +208,9 @@ class GDNOutNorm(MappingBase):
             {hf: self.shape},
             {meg: self.shape},
             REPLICATED,
-            lambda ts, o: {meg: _t().shift_norm_to_megatron(ts[hf], hf, allow_rounding=o.allow_norm_rounding)},
+            lambda ts, o: {
+                meg: _t().shift_norm_to_megatron(ts[hf], hf, allow_rounding=o.allow_norm_rounding)
+            },
             lambda ts: {hf: _t().shift_norm_to_hf(ts[meg])},
         )
 
@@ -217,8 +233,12 @@ class GLU(MappingBase):
                 {gate: self.shape, up: self.shape},
                 {meg: (2 * rows, cols)},
                 GLU_ROWS,
-                lambda ts, _o, meg=meg, gate=gate, up=up: {meg: _t().glu_to_megatron(ts[gate], ts[up])},
-                lambda ts, meg=meg, gate=gate, up=up: dict(zip((gate, up), _t().glu_to_hf(ts[meg]))),
+                lambda ts, _o, meg=meg, gate=gate, up=up: {
+                    meg: _t().glu_to_megatron(ts[gate], ts[up])
+                },
+                lambda ts, meg=meg, gate=gate, up=up: dict(
+                    zip((gate, up), _t().glu_to_hf(ts[meg]))
+                ),
             )
 
 

@@ -111,9 +111,7 @@ def forward_logits(model: GPTModel, input_ids: Tensor) -> tuple[Tensor, list[Ten
         raise RuntimeError(f"expected {num_heads} output-layer calls, saw {len(heads)}")
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         shape = (*input_ids.shape, model.vocab_size)
-        heads = _broadcast_from_last_stage(
-            heads, num_heads, shape, model.config.params_dtype
-        )
+        heads = _broadcast_from_last_stage(heads, num_heads, shape, model.config.params_dtype)
     return heads[-1], heads[:-1]
 
 
@@ -137,21 +135,16 @@ def _run_stage(model: GPTModel, input_ids: Tensor) -> list[Tensor]:
             lambda _module, _inputs, output: captured.append(output[0].clone())
         )
     try:
-        output = model(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=None
-        )
+        output = model(input_ids=input_ids, position_ids=position_ids, attention_mask=None)
     finally:
         if handle is not None:
             handle.remove()
     if not model.post_process:
-        dist.send(
-            output.contiguous(), parallel_state.get_pipeline_model_parallel_next_rank()
-        )
+        dist.send(output.contiguous(), parallel_state.get_pipeline_model_parallel_next_rank())
         return []
     # [s, b, V/tp] -> [b, s, V]
     return [
-        gather_from_tensor_model_parallel_region(t).transpose(0, 1).contiguous()
-        for t in captured
+        gather_from_tensor_model_parallel_region(t).transpose(0, 1).contiguous() for t in captured
     ]
 
 
@@ -160,12 +153,8 @@ def _receive_hidden(model: GPTModel, batch: int, seq: int) -> Tensor:
     from megatron.core import parallel_state
 
     config = model.config
-    local_seq = (
-        seq // config.tensor_model_parallel_size if config.sequence_parallel else seq
-    )
-    hidden = torch.empty(
-        local_seq, batch, config.hidden_size, dtype=config.params_dtype
-    )
+    local_seq = seq // config.tensor_model_parallel_size if config.sequence_parallel else seq
+    hidden = torch.empty(local_seq, batch, config.hidden_size, dtype=config.params_dtype)
     dist.recv(hidden, parallel_state.get_pipeline_model_parallel_prev_rank())
     return hidden
 

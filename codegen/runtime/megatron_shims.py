@@ -100,9 +100,7 @@ def _cpu_rng_state(
     return torch.get_rng_state()
 
 
-def _set_cpu_rng_state(
-    new_state: torch.Tensor, device: int = -1, graph_safe: bool = False
-) -> None:
+def _set_cpu_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
     """Stands in for megatron's ``_set_cuda_rng_state``: sets the CPU generator's state."""
     torch.set_rng_state(new_state)
 
@@ -126,13 +124,9 @@ def _tensor_stays(self: torch.Tensor, *args: object, **kwargs: object) -> torch.
 
 def _patch(module_name: str, attribute: str, value: object) -> None:
     """Rebind one declared megatron-core name (undeclared ones would escape the test)."""
-    declared = {(m, a) for m, a in PATCHED_ATTRIBUTES} | {
-        (m, g) for m, _, g in PROVIDED_GLOBALS
-    }
+    declared = {(m, a) for m, a in PATCHED_ATTRIBUTES} | {(m, g) for m, _, g in PROVIDED_GLOBALS}
     if (module_name, attribute) not in declared:
-        raise AssertionError(
-            f"{module_name}.{attribute} is not declared in megatron_shims"
-        )
+        raise AssertionError(f"{module_name}.{attribute} is not declared in megatron_shims")
     setattr(importlib.import_module(module_name), attribute, value)
 
 

@@ -85,18 +85,12 @@ def seed_rng_tracker(seed: int) -> None:
     seeds = {
         random._MODEL_PARALLEL_RNG_TRACKER_NAME: seed + 2718 + tp_rank,
         random.get_data_parallel_rng_tracker_name(): seed,
-        random.get_expert_parallel_rng_tracker_name(): seed
-        + 1024
-        + 100 * ep_rank
-        + etp_rank,
+        random.get_expert_parallel_rng_tracker_name(): seed + 1024 + 100 * ep_rank + etp_rank,
     }
     tracker = tensor_parallel.get_cuda_rng_tracker()
     tracker.reset()
     tracker.set_states(
-        {
-            name: torch.Generator().manual_seed(value).get_state()
-            for name, value in seeds.items()
-        }
+        {name: torch.Generator().manual_seed(value).get_state() for name, value in seeds.items()}
     )
 
 
@@ -189,11 +183,7 @@ def _collect(
         try:
             rank, ok, value = results.get(timeout=1.0)
         except queue.Empty:
-            dead = [
-                r
-                for r, p in enumerate(processes)
-                if not p.is_alive() and r not in outcomes
-            ]
+            dead = [r for r, p in enumerate(processes) if not p.is_alive() and r not in outcomes]
             if dead and results.empty():
                 break
             continue
@@ -204,9 +194,7 @@ def _collect(
     return outcomes
 
 
-def _drain(
-    results: mp.Queue, outcomes: dict[int, tuple[bool, Any]], grace_s: float
-) -> None:
+def _drain(results: mp.Queue, outcomes: dict[int, tuple[bool, Any]], grace_s: float) -> None:
     """After a failure, keep what other ranks report shortly after (often the same error)."""
     try:
         while True:
@@ -216,13 +204,9 @@ def _drain(
         pass
 
 
-def _results_or_raise(
-    outcomes: dict[int, tuple[bool, Any]], world_size: int
-) -> list[Any]:
+def _results_or_raise(outcomes: dict[int, tuple[bool, Any]], world_size: int) -> list[Any]:
     failures = [
-        f"--- rank {rank} ---\n{value}"
-        for rank, (ok, value) in sorted(outcomes.items())
-        if not ok
+        f"--- rank {rank} ---\n{value}" for rank, (ok, value) in sorted(outcomes.items()) if not ok
     ]
     missing = [rank for rank in range(world_size) if rank not in outcomes]
     if failures or missing:

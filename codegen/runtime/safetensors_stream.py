@@ -77,7 +77,11 @@ def _header(tensors: Iterable[Planned], metadata: dict[str, str]) -> bytes:
     entries: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for t in tensors:
-        entries[t.name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        entries[t.name] = {
+            "dtype": SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     raw = json.dumps(entries, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
@@ -90,12 +94,21 @@ Opener = Callable[[Path], BinaryIO]
 class StreamingWriter:
     """Writes planned shards in order; `write(name, tensor)` must follow the plan's order."""
 
-    def __init__(self, directory: Path, shards: list[list[Planned]], *, metadata: dict[str, str] | None = None, opener: Opener | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        shards: list[list[Planned]],
+        *,
+        metadata: dict[str, str] | None = None,
+        opener: Opener | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.names = shard_file_names(len(shards))
         self._shards = shards
         self._metadata = {"format": "pt", **(metadata or {})}
-        self._open = opener or (lambda path: open(path, "wb"))  # noqa: SIM115 - closed in _next_shard / close
+        self._open = opener or (
+            lambda path: open(path, "wb")
+        )  # noqa: SIM115 - closed in _next_shard / close
         self._order = [(i, t) for i, shard in enumerate(shards) for t in shard]
         self._position = 0
         self._current = -1
@@ -113,10 +126,14 @@ class StreamingWriter:
         if name != planned.name:
             raise ConversionError(f"{name}: written out of order, expected {planned.name}")
         if tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
-            raise ConversionError(f"{name}: {tensor.dtype} {list(tensor.shape)}, planned {planned.dtype} {list(planned.shape)}")
+            raise ConversionError(
+                f"{name}: {tensor.dtype} {list(tensor.shape)}, planned {planned.dtype} {list(planned.shape)}"
+            )
         if shard != self._current:
             self._next_shard(shard)
-        data = tensor.detach().contiguous().cpu().view(torch.uint8).numpy() if tensor.numel() else b""
+        data = (
+            tensor.detach().contiguous().cpu().view(torch.uint8).numpy() if tensor.numel() else b""
+        )
         self._write(memoryview(data), name)
         self.bytes_written += planned.nbytes
         self._position += 1
@@ -126,7 +143,9 @@ class StreamingWriter:
         try:
             self._file.write(data)
         except OSError as e:
-            raise ConversionError(f"{self.directory / self.names[self._current]}: cannot write tensor {name} ({e.strerror or e})") from None
+            raise ConversionError(
+                f"{self.directory / self.names[self._current]}: cannot write tensor {name} ({e.strerror or e})"
+            ) from None
 
     def _next_shard(self, shard: int) -> None:
         self._close_file()
@@ -143,7 +162,9 @@ class StreamingWriter:
             try:
                 self._file.flush()
             except OSError as e:
-                raise ConversionError(f"{self.directory / self.names[self._current]}: cannot finish writing ({e.strerror or e})") from None
+                raise ConversionError(
+                    f"{self.directory / self.names[self._current]}: cannot finish writing ({e.strerror or e})"
+                ) from None
             finally:
                 self._file.close()
                 self._file = None
@@ -161,6 +182,16 @@ class StreamingWriter:
             self._file = None
 
 
-def write_index(directory: Path, weight_map: dict[str, str], total_size: int, metadata: dict[str, str] | None = None) -> None:
-    index = {"metadata": {"total_size": total_size, **(metadata or {})}, "weight_map": dict(sorted(weight_map.items()))}
-    (Path(directory) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+def write_index(
+    directory: Path,
+    weight_map: dict[str, str],
+    total_size: int,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    index = {
+        "metadata": {"total_size": total_size, **(metadata or {})},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (Path(directory) / "model.safetensors.index.json").write_text(
+        json.dumps(index, indent=2) + "\n", encoding="utf-8"
+    )

@@ -45,7 +45,9 @@ class Split:
         pieces = []
         for section in tensor.split(self._sizes(tensor.shape[self.dim]), dim=self.dim):
             if section.shape[self.dim] % size:
-                raise ValueError(f"a section of {section.shape[self.dim]} does not split over {size} ranks")
+                raise ValueError(
+                    f"a section of {section.shape[self.dim]} does not split over {size} ranks"
+                )
             pieces.append(section.chunk(size, dim=self.dim)[rank])
         return torch.cat(pieces, dim=self.dim) if len(pieces) > 1 else pieces[0]
 
@@ -59,7 +61,9 @@ class Split:
         full = sum(s.shape[self.dim] for s in shards)
         local_sizes = [n // size for n in self._sizes(full)]
         per_rank = [s.split(local_sizes, dim=self.dim) for s in shards]
-        sections = [torch.cat([rank[i] for rank in per_rank], dim=self.dim) for i in range(len(local_sizes))]
+        sections = [
+            torch.cat([rank[i] for rank in per_rank], dim=self.dim) for i in range(len(local_sizes))
+        ]
         return torch.cat(sections, dim=self.dim)
 
 

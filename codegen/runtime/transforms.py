@@ -12,7 +12,6 @@ from torch import Tensor
 from codegen.errors import ConversionError
 from codegen.runtime.dims import AttentionDims, GDNDims, VisionDims
 
-
 # -- Gated attention QKV ---------------------------------------------------------------------------
 
 
@@ -24,9 +23,9 @@ def gated_qkv_to_megatron(q: Tensor, k: Tensor, v: Tensor, dims: AttentionDims) 
     q = q.reshape(g, r, 2, d, *rest)
     queries = q[:, :, 0].reshape(g, r * d, *rest)
     gates = q[:, :, 1].reshape(g, r * d, *rest)
-    return torch.cat([queries, gates, k.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1).reshape(
-        g * (2 * r + 2) * d, *rest
-    )
+    return torch.cat(
+        [queries, gates, k.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1
+    ).reshape(g * (2 * r + 2) * d, *rest)
 
 
 def gated_qkv_to_hf(qkv: Tensor, dims: AttentionDims) -> tuple[Tensor, Tensor, Tensor]:
@@ -67,7 +66,9 @@ def gdn_grouped_in_proj_to_hf(in_proj: Tensor, dims: GDNDims) -> tuple[Tensor, T
     """Inverse of `gdn_grouped_in_proj_to_megatron`: (in_proj_qkvz, in_proj_ba)."""
     nk = dims.key_heads
     rest = in_proj.shape[1:]
-    q, k, v, z, b, a = (t.reshape(nk, -1, *rest) for t in in_proj.split(dims.in_proj_sections, dim=0))
+    q, k, v, z, b, a = (
+        t.reshape(nk, -1, *rest) for t in in_proj.split(dims.in_proj_sections, dim=0)
+    )
     qkvz = torch.cat([q, k, v, z], dim=1).reshape(-1, *rest)
     ba = torch.cat([b, a], dim=1).reshape(-1, *rest)
     return qkvz, ba
@@ -119,7 +120,9 @@ def stack_experts(experts: list[Tensor]) -> Tensor:
     first = experts[0]
     step = first.numel()
     if first.is_contiguous() and all(
-        e.is_contiguous() and e.shape == first.shape and e.dtype == first.dtype
+        e.is_contiguous()
+        and e.shape == first.shape
+        and e.dtype == first.dtype
         and e.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
         and e.storage_offset() == first.storage_offset() + i * step
         for i, e in enumerate(experts)

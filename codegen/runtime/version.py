@@ -13,6 +13,10 @@ def require_megatron_core(series: str) -> None:
     try:
         installed = metadata.version("megatron-core")
     except metadata.PackageNotFoundError:
-        raise ImportError(f"this bridge needs megatron-core {series}.*, which is not installed") from None
+        raise ImportError(
+            f"this bridge needs megatron-core {series}.*, which is not installed"
+        ) from None
     if installed.split(".")[:2] != series.split("."):
-        raise ImportError(f"this bridge needs megatron-core {series}.*, but {installed} is installed")
+        raise ImportError(
+            f"this bridge needs megatron-core {series}.*, but {installed} is installed"
+        )

@@ -1,7 +1,14 @@
 """The spec: what the generator knows about a model, inferred from its config and weight map."""
 
 from codegen.spec.infer import LayoutChoices, Statement, infer_spec
-from codegen.spec.model import AttentionSpec, GDNSpec, ModelSpec, MoESpec, QuantizationSpec, VisionSpec
+from codegen.spec.model import (
+    AttentionSpec,
+    GDNSpec,
+    ModelSpec,
+    MoESpec,
+    QuantizationSpec,
+    VisionSpec,
+)
 
 __all__ = [
     "AttentionSpec",

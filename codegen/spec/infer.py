@@ -35,7 +35,9 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "qwen3_5": Family("qwen3_5", "Qwen3_5ForConditionalGeneration", True, "qwen3_5_text"),
-    "qwen3_5_moe": Family("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", True, "qwen3_5_moe_text"),
+    "qwen3_5_moe": Family(
+        "qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", True, "qwen3_5_moe_text"
+    ),
     "qwen3_5_text": Family("qwen3_5", "Qwen3_5ForCausalLM", False, "qwen3_5_text"),
     "qwen3_5_moe_text": Family("qwen3_5_moe", "Qwen3_5MoeForCausalLM", False, "qwen3_5_moe_text"),
     "qwen3_next": Family("qwen3_next", "Qwen3NextForCausalLM", False, "qwen3_next"),
@@ -83,7 +85,9 @@ class _Context:
 
     def require(self, key: str) -> Any:
         if key not in self.config:
-            raise ConfigError(self.name(key), MISSING, "a value in the config (no library default is assumed)")
+            raise ConfigError(
+                self.name(key), MISSING, "a value in the config (no library default is assumed)"
+            )
         return self.config[key]
 
     def positive_int(self, key: str) -> int:
@@ -100,7 +104,9 @@ class _Context:
 
     def check_value(self, key: str, supported: Any) -> None:
         if key in self.config and self.config[key] != supported:
-            raise ConfigError(self.name(key), self.config[key], f"{supported!r} (the only supported value)")
+            raise ConfigError(
+                self.name(key), self.config[key], f"{supported!r} (the only supported value)"
+            )
 
 
 def infer_spec(
@@ -140,13 +146,21 @@ def infer_spec(
     experts_layout = mtp_experts_layout = None
     if moe:
         experts_layout = _experts_layout(
-            text, "experts_layout", _decoder_layout_in_index(weight_map, hf_prefix, mlp_types),
-            statements.get("experts_layout"), choices.experts, FAMILY_EXPERTS_LAYOUT[family.name],
+            text,
+            "experts_layout",
+            _decoder_layout_in_index(weight_map, hf_prefix, mlp_types),
+            statements.get("experts_layout"),
+            choices.experts,
+            FAMILY_EXPERTS_LAYOUT[family.name],
         )
         if mtp_layers:
             mtp_experts_layout = _experts_layout(
-                text, "mtp_experts_layout", _mtp_layout_in_index(weight_map),
-                statements.get("mtp_experts_layout"), choices.mtp_experts, None,
+                text,
+                "mtp_experts_layout",
+                _mtp_layout_in_index(weight_map),
+                statements.get("mtp_experts_layout"),
+                choices.mtp_experts,
+                None,
             )
 
     return ModelSpec(
@@ -184,7 +198,11 @@ def _family(top: _Context) -> Family:
     family = FAMILIES[model_type]
     architectures = top.require("architectures")
     if architectures != [family.architecture]:
-        raise ConfigError("architectures", architectures, f"[{family.architecture!r}] for model_type {model_type!r}")
+        raise ConfigError(
+            "architectures",
+            architectures,
+            f"[{family.architecture!r}] for model_type {model_type!r}",
+        )
     return family
 
 
@@ -192,13 +210,19 @@ def _text_config(top: _Context, family: Family) -> Mapping[str, Any]:
     if not family.vision:
         for key in ("text_config", "vision_config"):
             if key in top.config:
-                raise ConfigError(key, "{...}", f"absent: model_type {top.config['model_type']!r} is a flat text config")
+                raise ConfigError(
+                    key,
+                    "{...}",
+                    f"absent: model_type {top.config['model_type']!r} is a flat text config",
+                )
         return top.config
     text = top.require("text_config")
     if not isinstance(text, Mapping):
         raise ConfigError("text_config", text, "a JSON object")
     if text.get("model_type", family.text_model_type) != family.text_model_type:
-        raise ConfigError("text_config.model_type", text["model_type"], repr(family.text_model_type))
+        raise ConfigError(
+            "text_config.model_type", text["model_type"], repr(family.text_model_type)
+        )
     return text
 
 
@@ -207,7 +231,9 @@ def _check_keys(top: _Context, text: _Context, family: Family) -> None:
     text_known = keys.TEXT_ARCHITECTURAL | keys.TEXT_CHECKED.keys() | keys.INERT
     for key in text.config:
         if key not in text_known:
-            raise ConfigError(text.name(key), text.config[key], "a known key (it might change the weights)")
+            raise ConfigError(
+                text.name(key), text.config[key], "a known key (it might change the weights)"
+            )
     for key, supported in keys.TEXT_CHECKED.items():
         text.check_value(key, supported)
     if family.vision:
@@ -219,21 +245,33 @@ def _check_keys(top: _Context, text: _Context, family: Family) -> None:
 def _layer_types(text: _Context, num_layers: int) -> tuple[str, ...]:
     names = {"linear_attention": "gdn", "full_attention": "attention"}
     interval = text.get("full_attention_interval", None)
-    if interval is not None and (not isinstance(interval, int) or isinstance(interval, bool) or interval <= 0):
+    if interval is not None and (
+        not isinstance(interval, int) or isinstance(interval, bool) or interval <= 0
+    ):
         raise ConfigError(text.name("full_attention_interval"), interval, "a positive integer")
     explicit = text.get("layer_types", None)
     if explicit is None:
         if interval is None:
-            raise ConfigError(text.name("layer_types"), MISSING, "layer_types or full_attention_interval")
+            raise ConfigError(
+                text.name("layer_types"), MISSING, "layer_types or full_attention_interval"
+            )
         return tuple("attention" if (i + 1) % interval == 0 else "gdn" for i in range(num_layers))
     if not isinstance(explicit, list) or len(explicit) != num_layers:
-        raise ConfigError(text.name("layer_types"), explicit, f"a list of {num_layers} layer types (num_hidden_layers)")
+        raise ConfigError(
+            text.name("layer_types"),
+            explicit,
+            f"a list of {num_layers} layer types (num_hidden_layers)",
+        )
     for i, kind in enumerate(explicit):
         if kind not in names:
-            raise ConfigError(text.name(f"layer_types[{i}]"), kind, "'linear_attention' or 'full_attention'")
+            raise ConfigError(
+                text.name(f"layer_types[{i}]"), kind, "'linear_attention' or 'full_attention'"
+            )
     types = tuple(names[kind] for kind in explicit)
     if interval is not None:
-        from_interval = tuple("attention" if (i + 1) % interval == 0 else "gdn" for i in range(num_layers))
+        from_interval = tuple(
+            "attention" if (i + 1) % interval == 0 else "gdn" for i in range(num_layers)
+        )
         if from_interval != types:
             text.notes.append(
                 f"full_attention_interval {interval} does not describe layer_types; "
@@ -251,19 +289,29 @@ def _rope(text: _Context) -> tuple[float, float, dict[str, Any]]:
         raise ConfigError(text.name("rope_parameters"), params, "a JSON object")
     for key in params:
         if key not in keys.ROPE_KEYS:
-            raise ConfigError(text.name(f"rope_parameters.{key}"), params[key], "a known rope parameter")
+            raise ConfigError(
+                text.name(f"rope_parameters.{key}"), params[key], "a known rope parameter"
+            )
     if params.get("rope_type", "default") != "default":
         raise ConfigError(text.name("rope_parameters.rope_type"), params["rope_type"], "'default'")
     if text.get("rope_scaling", None) is not None:
-        raise ConfigError(text.name("rope_scaling"), text.config["rope_scaling"], "null (no rope scaling)")
+        raise ConfigError(
+            text.name("rope_scaling"), text.config["rope_scaling"], "null (no rope scaling)"
+        )
 
     def one_of(key: str) -> Any:
         inner, outer = params.get(key, MISSING), text.get(key)
         if inner is not MISSING and outer is not MISSING and inner != outer:
-            raise ConfigError(text.name(key), outer, f"the same value as rope_parameters.{key} ({inner!r})")
+            raise ConfigError(
+                text.name(key), outer, f"the same value as rope_parameters.{key} ({inner!r})"
+            )
         value = inner if inner is not MISSING else outer
         if value is MISSING:
-            raise ConfigError(text.name(f"rope_parameters.{key}"), MISSING, f"{key} in rope_parameters or at the top")
+            raise ConfigError(
+                text.name(f"rope_parameters.{key}"),
+                MISSING,
+                f"{key} in rope_parameters or at the top",
+            )
         return value
 
     theta = text.positive_float("rope_theta", one_of("rope_theta"))
@@ -278,22 +326,50 @@ def _attention(text: _Context, family: Family) -> AttentionSpec:
     kv_heads = text.positive_int("num_key_value_heads")
     head_dim = text.positive_int("head_dim")
     if heads % kv_heads:
-        raise ConfigError(text.name("num_key_value_heads"), kv_heads, f"a divisor of num_attention_heads ({heads})")
+        raise ConfigError(
+            text.name("num_key_value_heads"),
+            kv_heads,
+            f"a divisor of num_attention_heads ({heads})",
+        )
     theta, factor, params = _rope(text)
     rotary_dim = head_dim * factor
     if rotary_dim != int(rotary_dim) or int(rotary_dim) % 2:
-        raise ConfigError(text.name("partial_rotary_factor"), factor, f"a factor giving an even rotary dim of head_dim {head_dim}")
+        raise ConfigError(
+            text.name("partial_rotary_factor"),
+            factor,
+            f"a factor giving an even rotary dim of head_dim {head_dim}",
+        )
     section = params.get("mrope_section")
     interleaved = params.get("mrope_interleaved")
     if family.vision and section is None:
-        raise ConfigError(text.name("rope_parameters.mrope_section"), MISSING, "the multimodal rotary sections of a VL model")
+        raise ConfigError(
+            text.name("rope_parameters.mrope_section"),
+            MISSING,
+            "the multimodal rotary sections of a VL model",
+        )
     if section is not None:
-        if not isinstance(section, list) or len(section) != 3 or not all(isinstance(s, int) and s >= 0 for s in section):
-            raise ConfigError(text.name("rope_parameters.mrope_section"), section, "three non-negative integers (t, h, w)")
+        if (
+            not isinstance(section, list)
+            or len(section) != 3
+            or not all(isinstance(s, int) and s >= 0 for s in section)
+        ):
+            raise ConfigError(
+                text.name("rope_parameters.mrope_section"),
+                section,
+                "three non-negative integers (t, h, w)",
+            )
         if 2 * sum(section) != rotary_dim:
-            raise ConfigError(text.name("rope_parameters.mrope_section"), section, f"sections summing to half the rotary dim ({int(rotary_dim) // 2})")
+            raise ConfigError(
+                text.name("rope_parameters.mrope_section"),
+                section,
+                f"sections summing to half the rotary dim ({int(rotary_dim) // 2})",
+            )
         if interleaved is not None and interleaved is not True:
-            raise ConfigError(text.name("rope_parameters.mrope_interleaved"), interleaved, "true (transformers always interleaves)")
+            raise ConfigError(
+                text.name("rope_parameters.mrope_interleaved"),
+                interleaved,
+                "true (transformers always interleaves)",
+            )
     return AttentionSpec(
         num_heads=heads,
         num_kv_heads=kv_heads,
@@ -309,7 +385,9 @@ def _gdn(text: _Context, family: Family) -> GDNSpec:
     nk = text.positive_int("linear_num_key_heads")
     nv = text.positive_int("linear_num_value_heads")
     if nv % nk:
-        raise ConfigError(text.name("linear_num_value_heads"), nv, f"a multiple of linear_num_key_heads ({nk})")
+        raise ConfigError(
+            text.name("linear_num_value_heads"), nv, f"a multiple of linear_num_key_heads ({nk})"
+        )
     return GDNSpec(
         num_key_heads=nk,
         num_value_heads=nv,
@@ -321,18 +399,27 @@ def _gdn(text: _Context, family: Family) -> GDNSpec:
 
 
 def _moe(text: _Context, family: Family) -> MoESpec | None:
-    moe_keys = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
+    moe_keys = (
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "shared_expert_intermediate_size",
+    )
     if family.name == "qwen3_5":
         for key in (*moe_keys, "norm_topk_prob", "decoder_sparse_step"):
             if key in text.config:
-                raise ConfigError(text.name(key), text.config[key], "absent: a dense qwen3_5 model has no experts")
+                raise ConfigError(
+                    text.name(key), text.config[key], "absent: a dense qwen3_5 model has no experts"
+                )
         return None
     if family.name == "qwen3_next" and text.get("num_experts") == 0:
         return None
     experts = text.positive_int("num_experts")
     top_k = text.positive_int("num_experts_per_tok")
     if top_k > experts:
-        raise ConfigError(text.name("num_experts_per_tok"), top_k, f"at most num_experts ({experts})")
+        raise ConfigError(
+            text.name("num_experts_per_tok"), top_k, f"at most num_experts ({experts})"
+        )
     if family.name == "qwen3_5_moe":
         text.check_value("norm_topk_prob", True)  # Qwen3.5-MoE always renormalises the top-k
         renormalize = True
@@ -351,41 +438,63 @@ def _moe(text: _Context, family: Family) -> MoESpec | None:
 
 def _mlp_types(text: _Context, family: Family, num_layers: int) -> tuple[str, ...]:
     only_dense = text.get("mlp_only_layers", [])
-    if not isinstance(only_dense, list) or not all(isinstance(i, int) and 0 <= i < num_layers for i in only_dense):
-        raise ConfigError(text.name("mlp_only_layers"), only_dense, f"a list of layer indices below {num_layers}")
+    if not isinstance(only_dense, list) or not all(
+        isinstance(i, int) and 0 <= i < num_layers for i in only_dense
+    ):
+        raise ConfigError(
+            text.name("mlp_only_layers"), only_dense, f"a list of layer indices below {num_layers}"
+        )
     if family.name == "qwen3_5":
         return ("dense",) * num_layers
     if family.name == "qwen3_5_moe":
         if only_dense:
-            raise ConfigError(text.name("mlp_only_layers"), only_dense, "[] (every Qwen3.5-MoE layer is MoE)")
+            raise ConfigError(
+                text.name("mlp_only_layers"), only_dense, "[] (every Qwen3.5-MoE layer is MoE)"
+            )
         return ("moe",) * num_layers
     if text.get("num_experts") == 0:
         return ("dense",) * num_layers
     step = text.positive_int("decoder_sparse_step")
-    return tuple("moe" if i not in only_dense and (i + 1) % step == 0 else "dense" for i in range(num_layers))
+    return tuple(
+        "moe" if i not in only_dense and (i + 1) % step == 0 else "dense" for i in range(num_layers)
+    )
 
 
 def _mtp_layers(text: _Context, family: Family, weight_map: Mapping[str, str] | None) -> int:
     in_index = None
     if weight_map is not None:
-        in_index = len({m.group(1) for k in weight_map if (m := re.match(r"mtp\.layers\.(\d+)\.", k))})
+        in_index = len(
+            {m.group(1) for k in weight_map if (m := re.match(r"mtp\.layers\.(\d+)\.", k))}
+        )
     value = text.get("mtp_num_hidden_layers", None)
     if value is not None:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ConfigError(text.name("mtp_num_hidden_layers"), value, "a non-negative integer")
         if in_index is not None and in_index != value:
-            raise ConfigError(text.name("mtp_num_hidden_layers"), value, f"{in_index}, the number of mtp.layers.N in the index")
+            raise ConfigError(
+                text.name("mtp_num_hidden_layers"),
+                value,
+                f"{in_index}, the number of mtp.layers.N in the index",
+            )
         return value
     if in_index is not None:
         text.notes.append(f"mtp_layers = {in_index}: counted from mtp.layers.N in the index")
         return in_index
     if family.name == "qwen3_next":
-        text.notes.append("mtp_layers = 1: assumed for Qwen3-Next (its published checkpoints carry mtp.*)")
+        text.notes.append(
+            "mtp_layers = 1: assumed for Qwen3-Next (its published checkpoints carry mtp.*)"
+        )
         return 1
-    raise ConfigError(text.name("mtp_num_hidden_layers"), MISSING, "the number of MTP layers (or an index to count them)")
+    raise ConfigError(
+        text.name("mtp_num_hidden_layers"),
+        MISSING,
+        "the number of MTP layers (or an index to count them)",
+    )
 
 
-def _check_mtp_matches_last_layer(text: _Context, layer_types: tuple[str, ...], mlp_types: tuple[str, ...], mtp_mlp: str) -> None:
+def _check_mtp_matches_last_layer(
+    text: _Context, layer_types: tuple[str, ...], mlp_types: tuple[str, ...], mtp_mlp: str
+) -> None:
     """megatron-core builds the MTP layer from the last decoder layer's spec (FACTS.md section 7)."""
     last = len(layer_types) - 1
     if layer_types[last] != "attention" or mlp_types[last] != mtp_mlp:
@@ -404,16 +513,26 @@ def _vision(top: _Context, text_hidden: int) -> VisionSpec:
     vis = _Context(raw, "vision_config.")
     for key in raw:
         if key not in keys.VISION_ARCHITECTURAL | keys.VISION_CHECKED.keys() | keys.INERT:
-            raise ConfigError(vis.name(key), raw[key], "a known vision key (it might change the weights)")
+            raise ConfigError(
+                vis.name(key), raw[key], "a known vision key (it might change the weights)"
+            )
     for key, supported in keys.VISION_CHECKED.items():
         vis.check_value(key, supported)
     if raw.get("model_type", "qwen3_5_vision") not in keys.VISION_MODEL_TYPES:
-        raise ConfigError(vis.name("model_type"), raw["model_type"], f"one of {sorted(keys.VISION_MODEL_TYPES)}")
+        raise ConfigError(
+            vis.name("model_type"), raw["model_type"], f"one of {sorted(keys.VISION_MODEL_TYPES)}"
+        )
     spec = VisionSpec(**{name: vis.positive_int(key) for name, key in _VISION_FIELDS.items()})
     if spec.hidden_size % spec.num_heads:
-        raise ConfigError(vis.name("num_heads"), spec.num_heads, f"a divisor of hidden_size ({spec.hidden_size})")
+        raise ConfigError(
+            vis.name("num_heads"), spec.num_heads, f"a divisor of hidden_size ({spec.hidden_size})"
+        )
     if spec.out_hidden_size != text_hidden:
-        raise ConfigError(vis.name("out_hidden_size"), spec.out_hidden_size, f"the text hidden_size ({text_hidden})")
+        raise ConfigError(
+            vis.name("out_hidden_size"),
+            spec.out_hidden_size,
+            f"the text hidden_size ({text_hidden})",
+        )
     return spec
 
 
@@ -431,23 +550,36 @@ _VISION_FIELDS = {
 }
 
 
-def _tie(top: _Context, text: _Context, family: Family, weight_map: Mapping[str, str] | None) -> bool:
+def _tie(
+    top: _Context, text: _Context, family: Family, weight_map: Mapping[str, str] | None
+) -> bool:
     governing = top if family.vision else text
     tie = governing.require("tie_word_embeddings")
     if not isinstance(tie, bool):
         raise ConfigError(governing.name("tie_word_embeddings"), tie, "true or false")
-    if family.vision and "tie_word_embeddings" in text.config and text.config["tie_word_embeddings"] != tie:
+    if (
+        family.vision
+        and "tie_word_embeddings" in text.config
+        and text.config["tie_word_embeddings"] != tie
+    ):
         raise ConfigError(
-            text.name("tie_word_embeddings"), text.config["tie_word_embeddings"],
+            text.name("tie_word_embeddings"),
+            text.config["tie_word_embeddings"],
             f"the top-level value ({tie}), which governs in VL configs",
         )
     if weight_map is not None and ("lm_head.weight" in weight_map) == tie:
         state = "has" if tie else "lacks"
-        raise ConfigError(governing.name("tie_word_embeddings"), tie, f"{not tie}: the index {state} lm_head.weight")
+        raise ConfigError(
+            governing.name("tie_word_embeddings"),
+            tie,
+            f"{not tie}: the index {state} lm_head.weight",
+        )
     return tie
 
 
-def _hf_prefix(text: _Context, family: Family, weight_map: Mapping[str, str] | None, choices: LayoutChoices) -> str:
+def _hf_prefix(
+    text: _Context, family: Family, weight_map: Mapping[str, str] | None, choices: LayoutChoices
+) -> str:
     """Prefix of HF language-model tensor names; text-only Qwen3.5 checkpoints occur with both."""
     allowed = ("model.language_model.",) if family.vision else ("model.",)
     if family.name != "qwen3_next" and not family.vision:
@@ -456,29 +588,47 @@ def _hf_prefix(text: _Context, family: Family, weight_map: Mapping[str, str] | N
     if weight_map is not None:
         found = [p for p in allowed if f"{p}embed_tokens.weight" in weight_map]
         if len(found) != 1:
-            raise ConfigError("<index>", f"embed_tokens under {found or 'no known prefix'}", f"exactly one of {list(allowed)}")
+            raise ConfigError(
+                "<index>",
+                f"embed_tokens under {found or 'no known prefix'}",
+                f"exactly one of {list(allowed)}",
+            )
         found = found[0]
     if choices.hf_prefix is not None:
         if choices.hf_prefix not in allowed:
             raise ConfigError("--hf-prefix", choices.hf_prefix, f"one of {list(allowed)}")
         if found is not None and found != choices.hf_prefix:
-            raise ConfigError("--hf-prefix", choices.hf_prefix, f"{found!r}, the prefix in the index")
+            raise ConfigError(
+                "--hf-prefix", choices.hf_prefix, f"{found!r}, the prefix in the index"
+            )
         return choices.hf_prefix
     if found is not None:
         return found
     if len(allowed) > 1:
-        text.notes.append("hf_prefix 'model.': assumed without an index; pass --hf-prefix model.language_model. if needed")
+        text.notes.append(
+            "hf_prefix 'model.': assumed without an index; pass --hf-prefix model.language_model. if needed"
+        )
     return allowed[0]
 
 
-def _quantization(top: _Context, text: _Context, family: Family, weight_map: Mapping[str, str] | None) -> QuantizationSpec | None:
+def _quantization(
+    top: _Context, text: _Context, family: Family, weight_map: Mapping[str, str] | None
+) -> QuantizationSpec | None:
     raw = top.get("quantization_config", None)
     if family.vision and "quantization_config" in text.config:
-        raise ConfigError(text.name("quantization_config"), "{...}", "quantization_config at the top level of a VL config")
+        raise ConfigError(
+            text.name("quantization_config"),
+            "{...}",
+            "quantization_config at the top level of a VL config",
+        )
     scaled = weight_map is not None and any(k.endswith(".weight_scale_inv") for k in weight_map)
     if raw is None:
         if scaled:
-            raise ConfigError("quantization_config", MISSING, "an FP8 description: the index has weight_scale_inv tensors")
+            raise ConfigError(
+                "quantization_config",
+                MISSING,
+                "an FP8 description: the index has weight_scale_inv tensors",
+            )
         return None
     if not isinstance(raw, Mapping):
         raise ConfigError("quantization_config", raw, "a JSON object")
@@ -492,13 +642,21 @@ def _quantization(top: _Context, text: _Context, family: Family, weight_map: Map
     if q.require("fmt") != "e4m3":
         raise ConfigError(q.name("fmt"), raw["fmt"], "'e4m3'")
     block = q.require("weight_block_size")
-    if not isinstance(block, list) or len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+    if (
+        not isinstance(block, list)
+        or len(block) != 2
+        or not all(isinstance(b, int) and b > 0 for b in block)
+    ):
         raise ConfigError(q.name("weight_block_size"), block, "two positive integers")
     skip = raw.get("modules_to_not_convert") or []
     if not isinstance(skip, list) or not all(isinstance(m, str) for m in skip):
         raise ConfigError(q.name("modules_to_not_convert"), skip, "a list of module names")
     if weight_map is not None and not scaled:
-        raise ConfigError("quantization_config", "fp8", "no quantization: the index has no weight_scale_inv tensors")
+        raise ConfigError(
+            "quantization_config",
+            "fp8",
+            "no quantization: the index has no weight_scale_inv tensors",
+        )
     return QuantizationSpec(
         method="fp8",
         fmt="e4m3",
@@ -508,7 +666,9 @@ def _quantization(top: _Context, text: _Context, family: Family, weight_map: Map
     )
 
 
-def _decoder_layout_in_index(weight_map: Mapping[str, str] | None, prefix: str, mlp_types: tuple[str, ...]) -> str | None:
+def _decoder_layout_in_index(
+    weight_map: Mapping[str, str] | None, prefix: str, mlp_types: tuple[str, ...]
+) -> str | None:
     if weight_map is None or "moe" not in mlp_types:
         return None
     layer = mlp_types.index("moe")
@@ -524,7 +684,11 @@ def _layout_of(weight_map: Mapping[str, str], experts: str) -> str:
     per_expert = f"{experts}0.gate_proj.weight" in weight_map
     if packed == per_expert:
         found = "both layouts" if packed else "neither layout"
-        raise ConfigError("<index>", f"{experts}* ({found})", "packed gate_up_proj or per-expert {e}.gate_proj.weight")
+        raise ConfigError(
+            "<index>",
+            f"{experts}* ({found})",
+            "packed gate_up_proj or per-expert {e}.gate_proj.weight",
+        )
     return "packed" if packed else "per_expert"
 
 
@@ -545,7 +709,9 @@ def _experts_layout(
         decided, source = from_index, "the index"
     elif statement is not None:
         decided, source = statement.value, "the catalog"
-        text.notes.append(f"{what} {statement.value}: stated by the catalog ({statement.provenance})")
+        text.notes.append(
+            f"{what} {statement.value}: stated by the catalog ({statement.provenance})"
+        )
     if decided is not None:
         if choice is not None and choice != decided:
             raise ConfigError(option, choice, f"{decided!r}, the layout in {source}")
@@ -554,7 +720,11 @@ def _experts_layout(
         text.notes.append(f"{what} {choice}: chosen with {option}")
         return choice
     if family_default is not None:
-        text.notes.append(f"{what} {family_default}: the family's published layout, assumed without an index (override with {option})")
+        text.notes.append(
+            f"{what} {family_default}: the family's published layout, assumed without an index (override with {option})"
+        )
         return family_default
-    text.notes.append(f"{what} unknown: neither an index nor the catalog says how MTP experts are stored; choose with {option}")
+    text.notes.append(
+        f"{what} unknown: neither an index nor the catalog says how MTP experts are stored; choose with {option}"
+    )
     return None

@@ -92,7 +92,9 @@ INERT = frozenset(
     }
 )
 
-VL_TOP_LEVEL = frozenset({"text_config", "vision_config", "tie_word_embeddings", "quantization_config"})
+VL_TOP_LEVEL = frozenset(
+    {"text_config", "vision_config", "tie_word_embeddings", "quantization_config"}
+)
 
 VISION_ARCHITECTURAL = frozenset(
     {
@@ -115,7 +117,9 @@ VISION_CHECKED: dict[str, Any] = {
 }
 VISION_MODEL_TYPES = frozenset({"qwen3_5", "qwen3_5_vision", "qwen3_5_moe", "qwen3_5_moe_vision"})
 
-ROPE_KEYS = frozenset({"rope_type", "rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved"})
+ROPE_KEYS = frozenset(
+    {"rope_type", "rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved"}
+)
 
 QUANTIZATION_KEYS = frozenset(
     {"quant_method", "fmt", "weight_block_size", "activation_scheme", "modules_to_not_convert"}

@@ -158,7 +158,9 @@ class ModelSpec:
     @property
     def needs_mtp_experts_choice(self) -> bool:
         """True when only the user can say how the MTP layer's experts are stored."""
-        return self.mtp_layers > 0 and self.mtp_mlp_type == "moe" and self.mtp_experts_layout is None
+        return (
+            self.mtp_layers > 0 and self.mtp_mlp_type == "moe" and self.mtp_experts_layout is None
+        )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -182,7 +184,9 @@ class ModelSpec:
         d["gdn"] = GDNSpec(**d["gdn"])
         d["moe"] = MoESpec(**d["moe"]) if d["moe"] else None
         d["vision"] = VisionSpec(**d["vision"]) if d["vision"] else None
-        d["quantization"] = QuantizationSpec(**_tuples(d["quantization"])) if d["quantization"] else None
+        d["quantization"] = (
+            QuantizationSpec(**_tuples(d["quantization"])) if d["quantization"] else None
+        )
         return cls(**_tuples(d))
 
 

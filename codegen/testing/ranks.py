@@ -43,7 +43,9 @@ def convert_and_run(
     from codegen.runtime.megatron_model import forward_logits
     from codegen.runtime.parallel import destroy_parallel, init_parallel
 
-    bridge, _spec, _source = bridge_for_checkpoint(Path(hf_dir), bridge_dir=Path(bridge_dir), quiet=True)
+    bridge, _spec, _source = bridge_for_checkpoint(
+        Path(hf_dir), bridge_dir=Path(bridge_dir), quiet=True
+    )
     parallel = init_parallel(tp, pp, ep, sequence_parallel=sequence_parallel)
     try:
         model = bridge.build_model(**parallel)
@@ -71,17 +73,30 @@ def _split_gdn_in_proj_naively(bridge, model, hf_dir: Path) -> None:
     from codegen.runtime.mappings import ConvertOptions
 
     params = global_parameters(model, bridge._prefix(model))
-    rank, size = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+    rank, size = (
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+    )
     with CheckpointReader(Path(hf_dir)) as reader:
         for group in bridge.groups:
             if group.kind.startswith("GDNInProj"):
                 (name,) = group.megatron
                 if name in params:
-                    full = group.to_megatron({n: reader.get(n) for n in group.hf}, ConvertOptions())[name]
+                    full = group.to_megatron(
+                        {n: reader.get(n) for n in group.hf}, ConvertOptions()
+                    )[name]
                     params[name][0].copy_(COLUMN.shard(full, rank, size))
 
 
-def restore_and_run(checkpoint: Path, hf_dir: Path, bridge_dir: Path, input_ids: torch.Tensor, *, tp: int = 1, ep: int = 1) -> RankResult:
+def restore_and_run(
+    checkpoint: Path,
+    hf_dir: Path,
+    bridge_dir: Path,
+    input_ids: torch.Tensor,
+    *,
+    tp: int = 1,
+    ep: int = 1,
+) -> RankResult:
     """Restore a torch_dist checkpoint with megatron-core's own `dist_checkpointing.load` into
     this rank's shard of the model, then run the forward."""
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
@@ -91,7 +106,9 @@ def restore_and_run(checkpoint: Path, hf_dir: Path, bridge_dir: Path, input_ids:
     from codegen.runtime.megatron_model import forward_logits
     from codegen.runtime.parallel import destroy_parallel, init_parallel
 
-    bridge, _spec, _source = bridge_for_checkpoint(Path(hf_dir), bridge_dir=Path(bridge_dir), quiet=True)
+    bridge, _spec, _source = bridge_for_checkpoint(
+        Path(hf_dir), bridge_dir=Path(bridge_dir), quiet=True
+    )
     parallel = init_parallel(tp, 1, ep)
     try:
         model = bridge.build_model(**parallel)
@@ -99,7 +116,9 @@ def restore_and_run(checkpoint: Path, hf_dir: Path, bridge_dir: Path, input_ids:
         result = model.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing or result.unexpected_keys:
-            raise AssertionError(f"restore left missing {missing[:3]} / unexpected {result.unexpected_keys[:3]}")
+            raise AssertionError(
+                f"restore left missing {missing[:3]} / unexpected {result.unexpected_keys[:3]}"
+            )
         logits, mtp = forward_logits(model, input_ids)
     finally:
         destroy_parallel()

@@ -8,4 +8,13 @@ from codegen.runtime.torch_dist.layout import Layout, Piece, compute_layout, lay
 from codegen.runtime.torch_dist.reader import Reader
 from codegen.runtime.torch_dist.writer import DATA_FILE, write
 
-__all__ = ["DATA_FILE", "Layout", "Piece", "Reader", "compute_layout", "layout", "meta_model", "write"]
+__all__ = [
+    "DATA_FILE",
+    "Layout",
+    "Piece",
+    "Reader",
+    "compute_layout",
+    "layout",
+    "meta_model",
+    "write",
+]

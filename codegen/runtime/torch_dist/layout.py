@@ -63,8 +63,13 @@ class Layout:
     @classmethod
     def from_json(cls, text: str) -> Layout:
         data = json.loads(text)
-        pieces = [Piece(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()}) for p in data["pieces"]]
-        return cls(pieces, {k: base64.b64decode(v) for k, v in data["objects"].items()}, data["config"])
+        pieces = [
+            Piece(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
+            for p in data["pieces"]
+        ]
+        return cls(
+            pieces, {k: base64.b64decode(v) for k, v in data["objects"].items()}, data["config"]
+        )
 
 
 @contextmanager
@@ -75,7 +80,9 @@ def meta_model(bridge: BridgeBase) -> Iterator[torch.nn.Module]:
     if any(name.startswith("vision_model.") for name in bridge.megatron_shapes):
         build = getattr(bridge, "build_vl_model", None)
         if build is None:
-            raise ConversionError("torch_dist output of a vision-language checkpoint needs the Megatron VL model, which this runtime lacks")
+            raise ConversionError(
+                "torch_dist output of a vision-language checkpoint needs the Megatron VL model, which this runtime lacks"
+            )
     else:
         build = bridge.build_model
     parallel = init_parallel()
@@ -102,7 +109,11 @@ def _walk(tree: Any, path: str = "") -> Iterator[tuple[str, Any]]:
 def compute_layout(bridge: BridgeBase) -> Layout:
     """Megatron-core's checkpoint layout of the bridge's model, as data."""
     from megatron.core.dist_checkpointing.core import CheckpointingConfig
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.mapping import (
+        ShardedObject,
+        ShardedTensor,
+        ShardedTensorFactory,
+    )
     from megatron.core.dist_checkpointing.utils import extract_nonpersistent, extract_sharded_base
 
     with meta_model(bridge) as model:
@@ -119,15 +130,27 @@ def compute_layout(bridge: BridgeBase) -> Layout:
             elif isinstance(value, ShardedTensor):
                 pieces.append(_piece(value, prefix + path, tuple(value.data.shape), None))
             else:
-                raise ConversionError(f"{path}: unexpected {type(value).__name__} in the sharded state dict")
+                raise ConversionError(
+                    f"{path}: unexpected {type(value).__name__} in the sharded state dict"
+                )
         objects[ShardedObject("common_state", common, (1,), (0,)).unique_key] = _serialise(common)
     config = json.dumps(asdict(CheckpointingConfig("torch_dist", 1)))  # as save_config writes it
     return Layout(pieces, objects, config)
 
 
-def _piece(sharded: Any, param: str, param_shape: tuple[int, ...], rows: tuple[int, int] | None) -> Piece:
+def _piece(
+    sharded: Any, param: str, param_shape: tuple[int, ...], rows: tuple[int, int] | None
+) -> Piece:
     chunk = (1,) * sharded.prepend_axis_num + tuple(sharded.local_shape)
-    return Piece(sharded.key, param, param_shape, tuple(sharded.global_shape), tuple(sharded.global_offset), chunk, rows)
+    return Piece(
+        sharded.key,
+        param,
+        param_shape,
+        tuple(sharded.global_shape),
+        tuple(sharded.global_offset),
+        chunk,
+        rows,
+    )
 
 
 def _factory_pieces(param: str, factory: Any) -> list[Piece]:
@@ -139,8 +162,14 @@ def _factory_pieces(param: str, factory: Any) -> list[Piece]:
     pieces = []
     for _, sharded in _walk(built):
         data = sharded.data
-        if data.untyped_storage().data_ptr() != probe.untyped_storage().data_ptr() or data.stride()[0] != 1 or tuple(data.shape[1:]) != shape[1:]:
-            raise ConversionError(f"{param}: megatron-core stores it in a way other than row slices; not supported")
+        if (
+            data.untyped_storage().data_ptr() != probe.untyped_storage().data_ptr()
+            or data.stride()[0] != 1
+            or tuple(data.shape[1:]) != shape[1:]
+        ):
+            raise ConversionError(
+                f"{param}: megatron-core stores it in a way other than row slices; not supported"
+            )
         start = data.storage_offset()
         pieces.append(_piece(sharded, param, shape, (start, start + data.shape[0])))
     return pieces
@@ -191,10 +220,16 @@ def by_key(pieces: list[Piece]) -> dict[str, list[Piece]]:
 
 def check_coverage(bridge: BridgeBase, found: set[str]) -> None:
     """The layout's tensors are exactly the bridge's (its language model's, for a text model)."""
-    prefix = "" if any(name.startswith("vision_model.") for name in found) else bridge.megatron_prefix
+    prefix = (
+        "" if any(name.startswith("vision_model.") for name in found) else bridge.megatron_prefix
+    )
     expected = {name for name in bridge.megatron_shapes if name.startswith(prefix)}
     missing, extra = sorted(expected - found), sorted(found - expected)
     if missing:
-        raise ConversionError(f"{missing[0]}: mapped by the bridge but not part of the torch_dist layout")
+        raise ConversionError(
+            f"{missing[0]}: mapped by the bridge but not part of the torch_dist layout"
+        )
     if extra:
-        raise ConversionError(f"{extra[0]}: part of the torch_dist layout but not mapped by the bridge")
+        raise ConversionError(
+            f"{extra[0]}: part of the torch_dist layout but not mapped by the bridge"
+        )

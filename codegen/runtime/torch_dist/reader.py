@@ -60,14 +60,21 @@ def _read_metadata(directory: Path) -> dict[str, _Stored]:
     """The tensor keys of a DCP checkpoint, from its .metadata, read with stand-in classes."""
     with (Path(directory) / ".metadata").open("rb") as f:
         metadata = _MetadataUnpickler(f).load()
-    locations = {(i.fqn, tuple(i.offset)): info for i, info in metadata.storage_data.items() if getattr(i, "offset", None) is not None}
+    locations = {
+        (i.fqn, tuple(i.offset)): info
+        for i, info in metadata.storage_data.items()
+        if getattr(i, "offset", None) is not None
+    }
     stored = {}
     for key, entry in metadata.state_dict_metadata.items():
         if type(entry).__name__ != "TensorStorageMetadata":
             continue
         props = entry.properties
         dtype = props.state[0] if hasattr(props, "state") else props.dtype
-        chunks = {tuple(c.offsets): (tuple(c.sizes), locations.get((key, tuple(c.offsets)))) for c in entry.chunks}
+        chunks = {
+            tuple(c.offsets): (tuple(c.sizes), locations.get((key, tuple(c.offsets))))
+            for c in entry.chunks
+        }
         stored[key] = _Stored(dtype, tuple(entry.size), chunks)
     return stored
 
@@ -77,7 +84,9 @@ def _read_into(fd: int, tensor: torch.Tensor, offset: int) -> None:
     while done < len(view):
         count = os.preadv(fd, [view[done:]], offset + done)
         if count == 0:
-            raise ConversionError(f"unexpected end of a torch_dist data file at byte {offset + done}")
+            raise ConversionError(
+                f"unexpected end of a torch_dist data file at byte {offset + done}"
+            )
         done += count
 
 
@@ -155,14 +164,23 @@ class _Records:
             return None
         return start
 
-    def _map(self, relative: str, start: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    def _map(
+        self, relative: str, start: int, dtype: torch.dtype, shape: tuple[int, ...]
+    ) -> torch.Tensor:
         count = math.prod(shape)
         if count == 0:
             return torch.empty(shape, dtype=dtype)
         aligned = start - start % mmap.ALLOCATIONGRANULARITY
-        mapped = mmap.mmap(self._fd(relative), start + count * dtype.itemsize - aligned, offset=aligned, access=mmap.ACCESS_COPY)
+        mapped = mmap.mmap(
+            self._fd(relative),
+            start + count * dtype.itemsize - aligned,
+            offset=aligned,
+            access=mmap.ACCESS_COPY,
+        )
         # DCP puts records anywhere in its files, so the data may not be aligned to its dtype.
-        return torch.frombuffer(mapped, dtype=dtype, offset=start - aligned, count=count).reshape(shape)
+        return torch.frombuffer(mapped, dtype=dtype, offset=start - aligned, count=count).reshape(
+            shape
+        )
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -187,7 +205,9 @@ def _tiling_region(pieces: list[Piece]) -> tuple[slice, ...] | None:
     for before, after in zip(ordered, ordered[1:]):
         d = axes[0]
         if after.offset[d] != before.offset[d] + before.chunk_shape[d] or any(
-            after.offset[k] != before.offset[k] or after.chunk_shape[k] != before.chunk_shape[k] for k in range(len(before.offset)) if k != d
+            after.offset[k] != before.offset[k] or after.chunk_shape[k] != before.chunk_shape[k]
+            for k in range(len(before.offset))
+            if k != d
         ):
             return None
     end = [o + n for o, n in zip(last.offset, last.chunk_shape)]
@@ -202,18 +222,26 @@ class Reader:
         try:
             stored = _read_metadata(self.directory)
         except Exception as e:  # noqa: BLE001 - a missing, truncated or corrupt .metadata
-            raise ConversionError(f"{directory}: not a readable torch_dist checkpoint ({e})") from None
+            raise ConversionError(
+                f"{directory}: not a readable torch_dist checkpoint ({e})"
+            ) from None
         plan = layout(bridge)
         self._pieces: dict[str, list[Piece]] = {}
         for piece in plan.pieces:
             self._pieces.setdefault(piece.param, []).append(piece)
             if piece.key not in stored:
-                raise ConversionError(f"{piece.key}: missing from the torch_dist checkpoint at {directory}")
+                raise ConversionError(
+                    f"{piece.key}: missing from the torch_dist checkpoint at {directory}"
+                )
             if tuple(stored[piece.key].size) != piece.global_shape:
-                raise ConversionError(f"{piece.key}: shape {list(stored[piece.key].size)} in {directory}, but the model has {list(piece.global_shape)}")
+                raise ConversionError(
+                    f"{piece.key}: shape {list(stored[piece.key].size)} in {directory}, but the model has {list(piece.global_shape)}"
+                )
         unexpected = sorted(set(stored) - {p.key for p in plan.pieces})
         if unexpected:
-            raise ConversionError(f"{unexpected[0]}: unexpected tensor in the torch_dist checkpoint at {directory}")
+            raise ConversionError(
+                f"{unexpected[0]}: unexpected tensor in the torch_dist checkpoint at {directory}"
+            )
         check_coverage(bridge, set(self._pieces))
         self._dtypes = {k: v.dtype for k, v in stored.items()}
         self._global = {k: v.size for k, v in stored.items()}
@@ -242,7 +270,9 @@ class Reader:
         chunks = {p: self._keys[p.key][_region(p)] for p in pieces}
         full = torch.empty(pieces[0].param_shape, dtype=self.dtype(name))
         for piece, chunk in chunks.items():
-            full[piece.rows[0] : piece.rows[1]] = chunk.reshape((piece.rows[1] - piece.rows[0], *piece.param_shape[1:]))
+            full[piece.rows[0] : piece.rows[1]] = chunk.reshape(
+                (piece.rows[1] - piece.rows[0], *piece.param_shape[1:])
+            )
         return full
 
     def _load(self, keys: list[str]) -> None:
@@ -258,7 +288,12 @@ class Reader:
             from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, load
 
             state = {k: torch.empty(self._global[k], dtype=self._dtypes[k]) for k in missing}
-            load(state, storage_reader=FileSystemReader(str(self.directory)), planner=DefaultLoadPlanner(flatten_state_dict=False), no_dist=True)
+            load(
+                state,
+                storage_reader=FileSystemReader(str(self.directory)),
+                planner=DefaultLoadPlanner(flatten_state_dict=False),
+                no_dist=True,
+            )
             self._keys.update(state)
         for key in keys:
             self._keys.move_to_end(key)

@@ -24,7 +24,9 @@ from codegen.runtime.bridge import BridgeBase
 from codegen.runtime.mappings import Group
 from codegen.runtime.torch_dist.layout import Layout, Piece, by_key, check_coverage, layout
 
-GROUP_CACHE = 1  # converted groups kept while writing (chunks are written key by key, group by group)
+GROUP_CACHE = (
+    1  # converted groups kept while writing (chunks are written key by key, group by group)
+)
 
 
 DATA_FILE = "__0_0.distcp"  # what PyTorch DCP's FileSystemWriter names a single rank's only file
@@ -38,7 +40,9 @@ def chunk_of(piece: Piece, full: torch.Tensor) -> torch.Tensor:
 class _GroupCache:
     """Converted groups, least recently used dropped first."""
 
-    def __init__(self, convert: Callable[[Group], dict[str, torch.Tensor]], groups: tuple[Group, ...]) -> None:
+    def __init__(
+        self, convert: Callable[[Group], dict[str, torch.Tensor]], groups: tuple[Group, ...]
+    ) -> None:
         self._convert = convert
         self._group_of = {name: g for g in groups for name in g.megatron}
         self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
@@ -96,7 +100,9 @@ def write(
             for index, piece in enumerate(pieces):
                 chunk = chunk_of(piece, cache.tensor(piece.param)).contiguous()
                 if chunk.untyped_storage().nbytes() != chunk.numel() * chunk.element_size():
-                    chunk = _own_storage(chunk)  # torch.save writes whole storages: only the chunk's
+                    chunk = _own_storage(
+                        chunk
+                    )  # torch.save writes whole storages: only the chunk's
                 start = stream.tell()
                 torch.save(chunk, stream)
                 records.append(_Record(key, piece.offset, index, start, stream.tell() - start))
@@ -130,17 +136,33 @@ def without_zip_crc32() -> Iterator[None]:
         torch.serialization.set_crc32_options(before)
 
 
-def _metadata(dcp: Any, plan: Layout, keys: dict[str, list[Piece]], records: list[_Record], dtype_of: Callable[[str], torch.dtype], checkpoint_id: str) -> Any:
+def _metadata(
+    dcp: Any,
+    plan: Layout,
+    keys: dict[str, list[Piece]],
+    records: list[_Record],
+    dtype_of: Callable[[str], torch.dtype],
+    checkpoint_id: str,
+) -> Any:
     """DCP's Metadata for the records, as its default planner and FileSystemWriter make it."""
     md, filesystem = dcp.metadata, dcp.filesystem
     state: dict[str, Any] = {}
     for key, pieces in keys.items():
-        chunks = [md.ChunkStorageMetadata(offsets=torch.Size(p.offset), sizes=torch.Size(p.chunk_shape)) for p in pieces]
-        state[key] = md.TensorStorageMetadata(md.TensorProperties(dtype=dtype_of(pieces[0].param)), torch.Size(pieces[0].global_shape), chunks)
+        chunks = [
+            md.ChunkStorageMetadata(offsets=torch.Size(p.offset), sizes=torch.Size(p.chunk_shape))
+            for p in pieces
+        ]
+        state[key] = md.TensorStorageMetadata(
+            md.TensorProperties(dtype=dtype_of(pieces[0].param)),
+            torch.Size(pieces[0].global_shape),
+            chunks,
+        )
     for key in plan.objects:
         state[key] = md.BytesStorageMetadata()
     storage = {
-        md.MetadataIndex(r.key, None if r.offset is None else torch.Size(r.offset), r.index): filesystem._StorageInfo(DATA_FILE, r.start, r.length)
+        md.MetadataIndex(
+            r.key, None if r.offset is None else torch.Size(r.offset), r.index
+        ): filesystem._StorageInfo(DATA_FILE, r.start, r.length)
         for r in records
     }
     return md.Metadata(
