@@ -2,14 +2,15 @@
 
 Builds a synthetic checkpoint of about 3 GB from a real catalog config: the real per-layer shapes
 (hidden size, heads, GDN dims, expert and shared-expert sizes, one MTP layer), with fewer layers,
-fewer experts and a smaller vocabulary so that it fits. Then, each as a whole process (start and
-imports included) with a warm page cache, median of 3 runs:
+fewer experts and a smaller vocabulary so that it fits. Then times, each as a whole process (start
+and imports included), with its input in the page cache and no dirty pages pending:
 
   baseline             read every tensor and write it unchanged (benchmarks/io_baseline.py)
   hf-to-megatron       --format safetensors and --format torch_dist
   megatron-to-hf       from each of those
 
-and prints wall time, GB/s, the ratio to the baseline, and each process's peak RSS.
+in rounds of every case (after a warm-up round), medians of 3 rounds, and prints wall time,
+GB/s, the ratio to the baseline, and each process's peak RSS.
 The last line reads `worst ratio to baseline: R; peak RSS: G GB`.
 
     python benchmarks/convert.py [--model Qwen/Qwen3.5-35B-A3B] [--size-gb 3] [--work DIR]
@@ -141,18 +142,46 @@ def folder_bytes(folder: Path) -> int:
     )
 
 
-def measure(
-    name: str, command: list[str], output: Path, env: dict[str, str], repeats: int = 3
-) -> Measurement:
-    shutil.rmtree(output, ignore_errors=True)
-    run(command, env)  # warm: page cache, bridge and layout caches
-    times, peaks = [], []
-    for _ in range(repeats):
-        shutil.rmtree(output, ignore_errors=True)
-        seconds, peak = run(command, env)
-        times.append(seconds)
-        peaks.append(peak)
-    return Measurement(name, statistics.median(times), max(peaks), folder_bytes(output))
+@dataclass(frozen=True)
+class Case:
+    name: str
+    command: list[str]
+    source: Path
+    output: Path
+    keep: bool  # its output is the source of a later case
+
+
+def warm(folder: Path) -> None:
+    """Read every file of `folder` so that it is in the page cache (cheap when it already is)."""
+    for path in folder.iterdir():
+        if path.is_file():
+            with path.open("rb") as f:
+                while f.read(64 << 20):
+                    pass
+
+
+def measure_all(cases: list[Case], env: dict[str, str], repeats: int) -> list[Measurement]:
+    """Rounds of every case in turn (a warm-up round first), so that the baseline and the
+    conversions meet the same state of the machine; medians over the rounds. Outputs no later
+    case reads are deleted at once, so that they do not push the sources out of the page cache."""
+    times: dict[str, list[float]] = {c.name: [] for c in cases}
+    peaks: dict[str, int] = {c.name: 0 for c in cases}
+    sizes: dict[str, int] = {}
+    for round_number in range(repeats + 1):
+        for case in cases:
+            shutil.rmtree(case.output, ignore_errors=True)
+            warm(case.source)
+            seconds, peak = run(case.command, env)
+            sizes[case.name] = folder_bytes(case.output)
+            if not case.keep:
+                shutil.rmtree(case.output, ignore_errors=True)
+            if round_number:  # round 0 warms the page cache, the bridge and the layout caches
+                times[case.name].append(seconds)
+                peaks[case.name] = max(peaks[case.name], peak)
+    return [
+        Measurement(c.name, statistics.median(times[c.name]), peaks[c.name], sizes[c.name])
+        for c in cases
+    ]
 
 
 def make_checkpoint(model_id: str, size_gb: float, folder: Path) -> None:
@@ -222,8 +251,9 @@ def main() -> None:
 
     codegen = [sys.executable, "-m", "codegen", "convert"]
     common = ["--quiet", "--max-shard-size", SHARD]
+    megatron, dist = work / "meg", work / "dist"
     cases = [
-        (
+        Case(
             "I/O baseline",
             [
                 sys.executable,
@@ -231,44 +261,40 @@ def main() -> None:
                 str(source),
                 str(work / "baseline"),
             ],
+            source,
             work / "baseline",
+            False,
         ),
-        (
+        Case(
             "hf-to-megatron safetensors",
-            [*codegen, "hf-to-megatron", str(source), str(work / "meg"), *common],
-            work / "meg",
+            [*codegen, "hf-to-megatron", str(source), str(megatron), *common],
+            source,
+            megatron,
+            True,
         ),
-        (
+        Case(
             "hf-to-megatron torch_dist",
-            [
-                *codegen,
-                "hf-to-megatron",
-                str(source),
-                str(work / "dist"),
-                "--format",
-                "torch_dist",
-                *common,
-            ],
-            work / "dist",
+            [*codegen, "hf-to-megatron", str(source), str(dist), "--format", "torch_dist", *common],
+            source,
+            dist,
+            True,
         ),
-        (
+        Case(
             "megatron-to-hf from safetensors",
-            [*codegen, "megatron-to-hf", str(work / "meg"), str(work / "back"), *common],
+            [*codegen, "megatron-to-hf", str(megatron), str(work / "back"), *common],
+            megatron,
             work / "back",
+            False,
         ),
-        (
+        Case(
             "megatron-to-hf from torch_dist",
-            [*codegen, "megatron-to-hf", str(work / "dist"), str(work / "back2"), *common],
+            [*codegen, "megatron-to-hf", str(dist), str(work / "back2"), *common],
+            dist,
             work / "back2",
+            False,
         ),
     ]
-    results = []
-    for name, command, output in cases:  # each megatron-to-hf reads what the case before wrote
-        results.append(measure(name, command, output, env, args.repeats))
-        m = results[-1]
-        print(
-            f"{m.name:34} {m.seconds:7.2f} s {m.bytes_written / m.seconds / 1e9:6.2f} GB/s  peak RSS {m.peak_rss_bytes / 1e9:5.2f} GB"
-        )
+    results = measure_all(cases, env, args.repeats)
     baseline = results[0]
     print()
     print(f"{'conversion':34} {'wall s':>7} {'GB/s':>6} {'ratio':>6} {'peak RSS GB':>12}")
