@@ -72,7 +72,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     drifts = generator.check()
     if not drifts:
         print(
-            "generated/ matches the generator (bridges and manifests, byte for byte); every table matches its manifest"
+            "generated/ matches the generator (bridges, manifests and summaries, byte for byte); every table matches its manifest"
         )
         return 0
     for drift in drifts:

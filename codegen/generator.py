@@ -7,7 +7,7 @@ input leaves no file behind.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from codegen import index as bridge_index
@@ -32,7 +32,7 @@ class Request:
 
 @dataclass(frozen=True)
 class Generated:
-    """A rendered bridge and its key manifest, not yet written."""
+    """A rendered bridge, its key manifest and its summary, not yet written."""
 
     source: sources.Source
     spec: ModelSpec
@@ -40,6 +40,19 @@ class Generated:
     text: str
     manifest: str
     entry: bridge_index.Entry
+    summary: str = ""
+
+    def files(self) -> dict[str, str]:
+        """File name -> text of everything generated for this bridge."""
+        return {
+            f"{self.module}.py": self.text,
+            manifest.file_name(self.module): self.manifest,
+            summary_file_name(self.module): self.summary,
+        }
+
+
+def summary_file_name(module: str) -> str:
+    return f"{module}.md"
 
 
 def infer(request: Request) -> tuple[sources.Source, ModelSpec]:
@@ -96,18 +109,19 @@ def generate(request: Request) -> Generated:
         options=options,
         spec_sha256=spec.fingerprint(),
     )
+    from codegen import summary  # it describes a Generated: imported here, not at the top
+
     manifest_text = manifest.of_module(text, module)
-    return Generated(
+    generated = Generated(
         source=source, spec=spec, module=module, text=text, manifest=manifest_text, entry=entry
     )
+    return replace(generated, summary=summary.render(generated))
 
 
 def write(generated: Generated, out: Path) -> list[Path]:
-    """Write the module and its manifest into `out`; in the committed folder, also update the index."""
-    files = {
-        out / f"{generated.module}.py": generated.text,
-        out / manifest.file_name(generated.module): generated.manifest,
-    }
+    """Write the module, its manifest and its summary into `out`; in the committed folder, also
+    update the index."""
+    files = {out / name: text for name, text in generated.files().items()}
     if out.resolve() == GENERATED.resolve():
         entries = bridge_index.read(GENERATED)
         clash = [
@@ -160,8 +174,7 @@ def check(folder: Path | None = None) -> list[Drift]:
         except CodegenError as e:
             drifts.append(Drift(f"{entry.module}.py", f"cannot regenerate: {e}", command))
             continue
-        expected[f"{entry.module}.py"] = generated.text
-        expected[manifest.file_name(entry.module)] = generated.manifest
+        expected.update(generated.files())
     expected.update(bridge_index.render(entries))
     for name, text in sorted(expected.items()):
         path = folder / name
@@ -203,7 +216,11 @@ def check(folder: Path | None = None) -> list[Drift]:
 
 def _fix(name: str, entries: dict[str, bridge_index.Entry]) -> str:
     for entry in entries.values():
-        if name in (f"{entry.module}.py", manifest.file_name(entry.module)):
+        if name in (
+            f"{entry.module}.py",
+            manifest.file_name(entry.module),
+            summary_file_name(entry.module),
+        ):
             return command_of(entry.source, entry.options)
     return "regenerate any bridge (`codegen generate catalog:ID`) to rewrite the index"
 

@@ -290,12 +290,14 @@ def test_check_reports_a_dropped_mapping_a_missing_manifest_and_their_fixes(
     )
 
 
-def test_generate_writes_the_manifest_beside_the_module(tmp_path: Path) -> None:
+def test_generate_writes_the_manifest_and_summary_beside_the_module(tmp_path: Path) -> None:
     assert main(["generate", "catalog:Qwen/Qwen3.5-0.8B", "--out", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "qwen3_5_0_8b.manifest.json",
+        "qwen3_5_0_8b.md",
         "qwen3_5_0_8b.py",
     ]
+    assert (tmp_path / "qwen3_5_0_8b.md").read_text().startswith("## Bridge for Qwen/Qwen3.5-0.8B")
     assert (tmp_path / "qwen3_5_0_8b.manifest.json").read_bytes() == (
         generator.GENERATED / "qwen3_5_0_8b.manifest.json"
     ).read_bytes()

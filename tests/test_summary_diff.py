@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from codegen import generator
+from codegen import index as bridge_index
 from codegen.cli import main
 from codegen.errors import CodegenError
 from codegen.spec_diff import spec_changes
@@ -267,3 +268,14 @@ def test_summary_refuses_what_generate_refuses(capsys, tmp_path: Path) -> None:
     )
     assert main(["summary", str(tmp_path)]) == 2
     assert "pass --mtp-experts" in capsys.readouterr().err
+
+
+def test_committed_summaries_are_what_summary_prints(capsys) -> None:
+    """Every committed bridge has its summary beside it, the same as `codegen summary` prints."""
+    from codegen import catalog
+
+    for model_id in catalog.model_ids():
+        assert main(["summary", f"catalog:{model_id}"]) == 0
+        entry = bridge_index.read(generator.GENERATED)[model_id]
+        committed = (generator.GENERATED / f"{entry.module}.md").read_text()
+        assert capsys.readouterr().out == committed, model_id
