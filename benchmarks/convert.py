@@ -3,7 +3,8 @@
 Builds a synthetic checkpoint of about 3 GB from a real catalog config: the real per-layer shapes
 (hidden size, heads, GDN dims, expert and shared-expert sizes, one MTP layer), with fewer layers,
 fewer experts and a smaller vocabulary so that it fits. Then times, each as a whole process (start
-and imports included), with its input in the page cache and no dirty pages pending:
+and imports included), with its input in the page cache and nothing else (no dirty pages, and
+the page cache dropped first where the benchmark runs as root):
 
   baseline             read every tensor and write it unchanged (benchmarks/io_baseline.py)
   hf-to-megatron       --format safetensors and --format torch_dist
@@ -121,10 +122,23 @@ def write_synthetic(config: dict, folder: Path) -> int:
     return writer.bytes_written
 
 
-def run(command: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one process, started with no dirty pages pending
-    (so that no run pays for writing back what the one before it wrote)."""
+WARM_IMPORTS = "import torch, safetensors.torch, torch.distributed.checkpoint, codegen.conversion"
+
+
+def settle(env: dict[str, str]) -> None:
+    """No dirty pages pending and, where allowed (root), a page cache holding only the libraries
+    every process imports: otherwise each run pays for writing back or evicting what the runs
+    before it wrote, by different amounts."""
     os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError:
+        return
+    subprocess.run([sys.executable, "-c", WARM_IMPORTS], env=env, check=True, capture_output=True)
+
+
+def run(command: list[str], env: dict[str, str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one process."""
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
@@ -170,6 +184,7 @@ def measure_all(cases: list[Case], env: dict[str, str], repeats: int) -> list[Me
     for round_number in range(repeats + 1):
         for case in cases:
             shutil.rmtree(case.output, ignore_errors=True)
+            settle(env)
             warm(case.source)
             seconds, peak = run(case.command, env)
             sizes[case.name] = folder_bytes(case.output)
