@@ -308,3 +308,29 @@ def test_files_are_what_pytorch_dcp_writes(convert_variant, tmp_path: Path) -> N
     ]
     assert (ours.planner_data, ours.version) == (theirs.planner_data, theirs.version)
     assert ours.storage_meta.save_id != theirs.storage_meta.save_id  # random in both
+
+
+def test_read_buffers_are_reused_only_when_no_tensor_holds_them() -> None:
+    """Keys read from several chunks go into buffers kept for the next key; one that any tensor
+    (a view, a numpy array of it) still uses must never be written over."""
+    from codegen.runtime.torch_dist.reader import _Buffers
+
+    buffers = _Buffers()
+    first = buffers.empty((4, 8), torch.bfloat16)
+    first.fill_(1.5)
+    address = first.data_ptr()
+    held = first[1:].view(torch.uint8).numpy()  # what a writer holds while it writes
+    del first
+    second = buffers.empty((4, 8), torch.bfloat16)
+    assert second.data_ptr() != address
+    second.fill_(-2.0)
+    assert torch.from_numpy(held).view(torch.bfloat16).eq(1.5).all()
+
+    del held
+    third = buffers.empty((2, 8), torch.bfloat16)
+    assert third.data_ptr() == address  # free again: read into, not allocated
+    assert third.shape == (2, 8) and third.is_contiguous()
+
+    del third
+    larger = buffers.empty((64, 8), torch.bfloat16)  # nothing free fits: the free one goes
+    assert len(buffers._storages) == 2 and larger.data_ptr() not in (address, second.data_ptr())

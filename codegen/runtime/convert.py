@@ -327,7 +327,8 @@ def _megatron_reader(bridge: BridgeBase, source: Path) -> Iterator[Any]:
     if read_record(source).get("format") == MEGATRON_TORCH_DIST:
         from codegen.runtime import torch_dist
 
-        yield torch_dist.Reader(bridge, source)
+        with torch_dist.Reader(bridge, source) as reader:
+            yield reader
     else:
         with CheckpointReader(source) as reader:
             yield reader
