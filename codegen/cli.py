@@ -165,11 +165,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from codegen.runtime.megatron_shims import training_advice_silenced
     from codegen.verify import verify
 
-    verdict = verify(
-        args.hf_dir, args.megatron_dir, tokens=args.tokens, seed=args.seed, tolerance=args.tolerance
-    )
+    with training_advice_silenced():
+        verdict = verify(
+            args.hf_dir,
+            args.megatron_dir,
+            tokens=args.tokens,
+            seed=args.seed,
+            tolerance=args.tolerance,
+        )
     print(f"max |delta| logits: {verdict.logits_delta:.3e}")
     for i, delta in enumerate(verdict.mtp_deltas):
         print(f"max |delta| MTP layer {i} logits: {delta:.3e}")

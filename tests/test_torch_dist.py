@@ -4,6 +4,9 @@ logits, and read back to HF bit for bit."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -334,3 +337,34 @@ def test_read_buffers_are_reused_only_when_no_tensor_holds_them() -> None:
     del third
     larger = buffers.empty((64, 8), torch.bfloat16)  # nothing free fits: the free one goes
     assert len(buffers._storages) == 2 and larger.data_ptr() not in (address, second.data_ptr())
+
+
+def test_quiet_conversion_prints_nothing_even_when_it_derives_the_layout(
+    convert_variant, tmp_path: Path
+) -> None:
+    """A fresh cache makes the conversion build the model on meta with megatron-core, whose
+    import and build advise about training on GPUs; --quiet leaves both streams empty."""
+    _tmp, checkpoint, _spec = convert_variant("moe-text")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "codegen",
+            "convert",
+            "hf-to-megatron",
+            str(checkpoint.path),
+            str(tmp_path / "dist"),
+            "--format",
+            "torch_dist",
+            "--bridge-dir",
+            str(tmp_path / "bridges"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert list((tmp_path / "cache").rglob("*.json")), "the layout was not derived afresh"
+    assert (result.stdout, result.stderr) == ("", "")

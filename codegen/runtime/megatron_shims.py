@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import logging
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -51,6 +55,35 @@ READ_ATTRIBUTES: tuple[tuple[str, str], ...] = (
 )
 
 _installed = False
+
+
+#: Modules whose import- and build-time advice is about training on a GPU (Transformer Engine,
+#: Apex or Triton absent, routing precision, CUDA-graph scopes), not about a model built to read
+#: its layout or to compare logits.
+_ADVISING_MODULES = r"(megatron\.core|fla)(\..*)?$"
+#: Loggers with the same kind of notice: GPTModel's deprecation (once per build) and torch's
+#: "No CUDA runtime is found" when megatron-core imports its extension builder.
+_ADVISING_LOGGERS = ("megatron.core.models.gpt.gpt_model", "torch.utils.cpp_extension")
+
+
+@contextmanager
+def training_advice_silenced() -> Iterator[None]:
+    """Keep megatron-core's and FLA's training advice off the console of a conversion.
+
+    Only UserWarnings raised inside those packages and the notices above are held back (the
+    loggers still pass errors); every other warning passes.
+    """
+    loggers = [logging.getLogger(name) for name in _ADVISING_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=_ADVISING_MODULES)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def check_megatron_core_version() -> None:

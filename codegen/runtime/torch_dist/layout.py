@@ -24,6 +24,7 @@ import torch
 
 from codegen.errors import ConversionError
 from codegen.runtime.bridge import BridgeBase
+from codegen.runtime.megatron_shims import training_advice_silenced
 
 LAYOUT_VERSION = 1
 
@@ -203,7 +204,8 @@ def layout(bridge: BridgeBase) -> Layout:
     path = _cache_folder() / f"{bridge.spec_sha256}-megatron-core-{version}-v{LAYOUT_VERSION}.json"
     if path.is_file():
         return Layout.from_json(path.read_text())
-    computed = compute_layout(bridge)
+    with training_advice_silenced():
+        computed = compute_layout(bridge)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(f".{os.getpid()}.tmp")
     staging.write_text(computed.to_json())
