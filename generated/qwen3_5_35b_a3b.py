@@ -15,9 +15,9 @@ Notes:
 - mtp_experts_layout per_expert: stated by the catalog (Qwen3.5 releases store MTP experts per
   expert, Qwen3.6 packed (FACTS.md section 7; Megatron-Bridge Qwen3.5 bridge documentation))
 
-Use: `Bridge().build_model(...)`, `Bridge().load_hf(model, hf_dir)`, `Bridge().export_hf(model)`; see
-codegen.runtime.bridge for the conversion API.
-`Bridge().build_vl_model(...)` builds the whole vision-language model (codegen.runtime.vl_model).
+Use: `Bridge().build_vl_model(...)` (codegen.runtime.vl_model), `Bridge().load_hf(model, hf_dir)`,
+`Bridge().export_hf(model)`; see codegen.runtime.bridge for the conversion API. The language model
+alone (`Bridge().build_model(...)`) loads and exports with `language_model_only=True`.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ tower 24 x 1024 (MLP 4096, 16 heads).
 Layouts: HF prefix 'model.language_model.'.
 Config: catalog, re-serialised: real values re-serialised by transformers 5.7.
 
-Use: `Bridge().build_model(...)`, `Bridge().load_hf(model, hf_dir)`, `Bridge().export_hf(model)`; see
-codegen.runtime.bridge for the conversion API.
-`Bridge().build_vl_model(...)` builds the whole vision-language model (codegen.runtime.vl_model).
+Use: `Bridge().build_vl_model(...)` (codegen.runtime.vl_model), `Bridge().load_hf(model, hf_dir)`,
+`Bridge().export_hf(model)`; see codegen.runtime.bridge for the conversion API. The language model
+alone (`Bridge().build_model(...)`) loads and exports with `language_model_only=True`.
 """
 
 from __future__ import annotations

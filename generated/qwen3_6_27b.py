@@ -10,9 +10,9 @@
 Layouts: HF prefix 'model.language_model.'.
 Config: catalog, verbatim: the original config.json.
 
-Use: `Bridge().build_model(...)`, `Bridge().load_hf(model, hf_dir)`, `Bridge().export_hf(model)`; see
-codegen.runtime.bridge for the conversion API.
-`Bridge().build_vl_model(...)` builds the whole vision-language model (codegen.runtime.vl_model).
+Use: `Bridge().build_vl_model(...)` (codegen.runtime.vl_model), `Bridge().load_hf(model, hf_dir)`,
+`Bridge().export_hf(model)`; see codegen.runtime.bridge for the conversion API. The language model
+alone (`Bridge().build_model(...)`) loads and exports with `language_model_only=True`.
 """
 
 from __future__ import annotations

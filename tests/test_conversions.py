@@ -18,6 +18,7 @@ import torch
 from codegen import catalog
 from codegen.cli import main
 from codegen.conversion import bridge_for_checkpoint
+from codegen.errors import ConversionError
 from codegen.runtime.checkpoint import CheckpointReader
 from codegen.testing import TinyCheckpoint, make_checkpoint, reference_mtp_logits
 
@@ -141,7 +142,7 @@ def test_logits_and_mtp_logits_equal_hf(converted: Converted, parallel_state) ->
     from codegen.runtime.megatron_model import forward_logits
 
     model = converted.bridge.build_model(**parallel_state)
-    converted.bridge.load_megatron(model, converted.megatron_dir)
+    converted.bridge.load_megatron(model, converted.megatron_dir, language_model_only=True)
     ids = tokens(converted.spec.vocab_size)
     logits, mtp = forward_logits(model, ids)
     expected, expected_mtp = hf_logits(converted.checkpoint, ids)
@@ -154,23 +155,45 @@ def test_loading_hf_directly_equals_loading_the_converted_files(
     converted: Converted, parallel_state
 ) -> None:
     direct = converted.bridge.build_model(**parallel_state)
-    converted.bridge.load_hf(direct, converted.checkpoint.path)
+    converted.bridge.load_hf(direct, converted.checkpoint.path, language_model_only=True)
     from_files = converted.bridge.build_model(**parallel_state)
-    converted.bridge.load_megatron(from_files, converted.megatron_dir)
+    converted.bridge.load_megatron(from_files, converted.megatron_dir, language_model_only=True)
     for (name, a), (_, b) in zip(direct.named_parameters(), from_files.named_parameters()):
         assert torch.equal(a, b), name
 
 
 def test_live_export_is_bit_identical(converted: Converted, parallel_state) -> None:
     model = converted.bridge.build_model(**parallel_state)
-    converted.bridge.load_hf(model, converted.checkpoint.path)
-    exported = converted.bridge.export_hf(model)
+    converted.bridge.load_hf(model, converted.checkpoint.path, language_model_only=True)
+    exported = converted.bridge.export_hf(model, language_model_only=True)
     language_model = {
         k: v for k, v in converted.checkpoint.state.items() if not k.startswith("model.visual.")
     }
     assert set(exported) == set(language_model)
     for name, tensor in language_model.items():
         assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+
+
+def test_a_vl_bridge_never_leaves_its_vision_tower_out_unasked(
+    converted: Converted, parallel_state
+) -> None:
+    """A VL bridge's language model built alone has no place for the vision tower: loading into it
+    or exporting from it stops, naming both ways on, unless language_model_only=True says so."""
+    bridge, model = converted.bridge, converted.bridge.build_model(**parallel_state)
+    calls = {
+        "load_hf": lambda: bridge.load_hf(model, converted.checkpoint.path),
+        "load_megatron": lambda: bridge.load_megatron(model, converted.megatron_dir),
+        "export_hf": lambda: bridge.export_hf(model),
+        "export_megatron": lambda: bridge.export_megatron(model),
+    }
+    for name, call in calls.items():
+        if converted.spec.is_vl:
+            with pytest.raises(ConversionError, match="no vision tower") as error:
+                call()
+            assert "build_vl_model()" in str(error.value), name
+            assert "language_model_only=True" in str(error.value), name
+        else:
+            call()
 
 
 def test_round_trip_on_disk_is_bit_identical(converted: Converted, tmp_path: Path) -> None:

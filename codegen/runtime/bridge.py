@@ -9,6 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from codegen.errors import ConversionError
 from codegen.runtime.mappings import ConvertOptions, Group, MappingBase
 
 if TYPE_CHECKING:
@@ -80,12 +81,27 @@ class BridgeBase:
         } | overrides
         return build_gpt_model(self.transformer_config(**settings), **self.gpt_model_args)
 
-    def _prefix(self, model: Any) -> str:
-        """A language model alone holds the `language_model.` part of a VL checkpoint."""
-        return "" if hasattr(model, "vision_model") else self.megatron_prefix
+    def _prefix(self, model: Any, *, language_model_only: bool = False) -> str:
+        """The part of the bridge's names `model` holds: all of them, or, for the language model of
+        a VL bridge built alone, the `language_model.` part, which the caller must ask for, so that
+        a vision tower is never left out unnoticed."""
+        if hasattr(model, "vision_model"):
+            return ""
+        if self.vision_model_args is not None and not language_model_only:
+            raise ConversionError(
+                f"{self.model_id} is a vision-language model but this model has no vision tower: "
+                "build it with build_vl_model(), or pass language_model_only=True to leave the "
+                "vision tower's tensors out"
+            )
+        return self.megatron_prefix
 
     def load_hf(
-        self, model: Any, hf_dir: str | Path, *, options: ConvertOptions = ConvertOptions()
+        self,
+        model: Any,
+        hf_dir: str | Path,
+        *,
+        options: ConvertOptions = ConvertOptions(),
+        language_model_only: bool = False,
     ) -> None:
         """Load an HF checkpoint folder into `model` (this rank's shard of it). The checkpoint must
         hold exactly the bridge's tensors, with the bridge's shapes."""
@@ -93,31 +109,41 @@ class BridgeBase:
         from codegen.runtime.checkpoint import CheckpointReader
         from codegen.runtime.convert import check_source
 
+        prefix = self._prefix(model, language_model_only=language_model_only)
         with CheckpointReader(Path(hf_dir)) as reader:
             check_source(reader, self.hf_shapes, "HF")
-            live.load(self, model, reader.get, prefix=self._prefix(model), options=options)
+            live.load(self, model, reader.get, prefix=prefix, options=options)
 
-    def load_megatron(self, model: Any, megatron_dir: str | Path) -> None:
-        """Load the Megatron safetensors written by `codegen convert hf-to-megatron` into `model`."""
+    def load_megatron(
+        self, model: Any, megatron_dir: str | Path, *, language_model_only: bool = False
+    ) -> None:
+        """Load a Megatron checkpoint written by `codegen convert hf-to-megatron` (either format)
+        into `model`."""
         from codegen.runtime import live
-        from codegen.runtime.checkpoint import CheckpointReader
-        from codegen.runtime.convert import check_source
+        from codegen.runtime.convert import check_source, megatron_reader
 
-        with CheckpointReader(Path(megatron_dir)) as reader:
+        prefix = self._prefix(model, language_model_only=language_model_only)
+        with megatron_reader(self, Path(megatron_dir)) as reader:
             check_source(reader, self.megatron_shapes, "Megatron")
-            live.load_megatron(self, model, reader.get, prefix=self._prefix(model))
+            live.load_megatron(self, model, reader.get, prefix=prefix)
 
-    def export_megatron(self, model: Any) -> dict[str, torch.Tensor]:
+    def export_megatron(
+        self, model: Any, *, language_model_only: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Every tensor of `model`, unsharded, under the bridge's Megatron names (on every rank)."""
         from codegen.runtime import live
 
-        return live.export(self, model, prefix=self._prefix(model))
+        prefix = self._prefix(model, language_model_only=language_model_only)
+        return live.export(self, model, prefix=prefix)
 
-    def export_hf(self, model: Any) -> dict[str, torch.Tensor]:
+    def export_hf(
+        self, model: Any, *, language_model_only: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Every HF tensor of `model` (on every rank)."""
         from codegen.runtime import live
 
-        return live.to_hf(self, self.export_megatron(model))
+        prefix = self._prefix(model, language_model_only=language_model_only)
+        return live.to_hf(self, live.export(self, model, prefix=prefix), prefix=prefix)
 
     # -- Vision-language models (set by VL bridges) ------------------------------------------------
 

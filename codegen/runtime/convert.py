@@ -259,7 +259,7 @@ def megatron_to_hf(
     stage = None
     if bridge.quantization is not None:
         stage = Requantize(set(fp8_tensors), tuple(bridge.quantization["weight_block_size"]))
-    with _megatron_reader(bridge, Path(source)) as reader:
+    with megatron_reader(bridge, Path(source)) as reader:
         check_source(reader, bridge.megatron_shapes, "Megatron")
         with staged_directory(destination, force=force) as staging:
             report = convert_directory(
@@ -322,7 +322,7 @@ def _write_torch_dist(
 
 
 @contextmanager
-def _megatron_reader(bridge: BridgeBase, source: Path) -> Iterator[Any]:
+def megatron_reader(bridge: BridgeBase, source: Path) -> Iterator[Any]:
     """The tensors of a Megatron checkpoint written by `hf_to_megatron`, in either format."""
     if read_record(source).get("format") == MEGATRON_TORCH_DIST:
         from codegen.runtime import torch_dist

@@ -161,10 +161,15 @@ def _gather(tensor: Tensor, name: str) -> list[Tensor]:
     return pieces
 
 
-def to_hf(bridge: BridgeBase, megatron: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Convert full Megatron tensors to HF, group by group (groups absent from `megatron` skipped)."""
+def to_hf(bridge: BridgeBase, megatron: Mapping[str, Tensor], *, prefix: str) -> dict[str, Tensor]:
+    """Convert full Megatron tensors to HF, group by group: every group under `prefix` (all of
+    them, for the empty prefix), each of whose tensors `megatron` must hold."""
     out: dict[str, Tensor] = {}
     for group in bridge.groups:
-        if all(name in megatron for name in group.megatron):
-            out.update(group.to_hf({name: megatron[name] for name in group.megatron}))
+        if not all(name.startswith(prefix) for name in group.megatron):
+            continue
+        missing = [name for name in group.megatron if name not in megatron]
+        if missing:
+            raise ConversionError(f"{missing[0]}: not among the model's tensors")
+        out.update(group.to_hf({name: megatron[name] for name in group.megatron}))
     return out

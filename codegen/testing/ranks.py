@@ -49,11 +49,11 @@ def convert_and_run(
     parallel = init_parallel(tp, pp, ep, sequence_parallel=sequence_parallel)
     try:
         model = bridge.build_model(**parallel)
-        bridge.load_hf(model, hf_dir)
+        bridge.load_hf(model, hf_dir, language_model_only=True)
         if naive_gdn_split:
             _split_gdn_in_proj_naively(bridge, model, hf_dir)
         logits, mtp = forward_logits(model, input_ids)
-        exported = bridge.export_hf(model)
+        exported = bridge.export_hf(model, language_model_only=True)
         layers = [layer.layer_number - 1 for layer in model.decoder.layers]
         local_experts = getattr(model.config, "num_moe_experts", None) or 0
         local_experts //= parallel["expert_model_parallel_size"]
@@ -72,7 +72,7 @@ def _split_gdn_in_proj_naively(bridge, model, hf_dir: Path) -> None:
     from codegen.runtime.live import global_parameters
     from codegen.runtime.mappings import ConvertOptions
 
-    params = global_parameters(model, bridge._prefix(model))
+    params = global_parameters(model, bridge._prefix(model, language_model_only=True))
     rank, size = (
         parallel_state.get_tensor_model_parallel_rank(),
         parallel_state.get_tensor_model_parallel_world_size(),
