@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +15,10 @@ from typing import TYPE_CHECKING, Any
 from codegen.errors import CodegenError
 
 if TYPE_CHECKING:
+    import torch
+
     from codegen.runtime.vl_model import MultimodalInputs
+    from codegen.spec import ModelSpec
 
 DEFAULT_TOLERANCE = 1e-4
 #: The image in a VL prompt, in merged vision tokens: (temporal patches, rows, columns).
@@ -41,25 +46,37 @@ def verify(
     quiet: bool = False,
 ) -> Verdict:
     """Both models in fp32 on a prompt of `tokens` tokens (longer than GDN's chunk of 64 by
-    default): random text, and for a VL model one synthetic image within it."""
+    default): random text, and for a VL model one synthetic image within it. Both checkpoints are
+    checked against the bridge before either model is built."""
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     import torch
 
     from codegen.conversion import bridge_for_spec
     from codegen.runtime.checkpoint import CheckpointReader
-    from codegen.runtime.convert import read_record
+    from codegen.runtime.convert import check_source, megatron_reader, read_record
     from codegen.runtime.megatron_model import forward_logits
     from codegen.runtime.parallel import destroy_parallel, init_parallel
     from codegen.spec import ModelSpec
-    from codegen.testing import hf_model_class, reference_mtp_logits, use_torch_gdn_kernels
+    from codegen.testing import hf_model_class, use_torch_gdn_kernels
 
+    hf_dir, megatron_dir = Path(hf_dir), Path(megatron_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise CodegenError(f"{hf_dir}: no config.json; not an HF checkpoint folder")
     record = read_record(megatron_dir)
     spec = ModelSpec.from_dict(record["spec"])
     if spec.quantization is not None:
         raise CodegenError("verify runs the HF model in fp32: FP8 checkpoints are not supported")
     bridge = bridge_for_spec(spec, record["model_id"], quiet=quiet)
+    with CheckpointReader(hf_dir) as reader:
+        check_source(reader, bridge.hf_shapes, "HF")
+        mtp = {name: reader.get(name).float() for name in reader.names() if name.startswith("mtp.")}
+    with megatron_reader(bridge, megatron_dir) as reader:
+        check_source(reader, bridge.megatron_shapes, "Megatron")
 
-    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    try:
+        config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CodegenError(f"{hf_dir / 'config.json'}: not valid JSON ({e})") from None
     if spec.is_vl:
         prompt: MultimodalInputs | torch.Tensor = _vl_prompt(
             config, spec.vision.spatial_merge_size, tokens=tokens, seed=seed
@@ -69,20 +86,13 @@ def verify(
             0, spec.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed)
         )
     use_torch_gdn_kernels()
-    hf = hf_model_class(config).from_pretrained(hf_dir, dtype=torch.float32).eval()
-    with CheckpointReader(Path(hf_dir)) as reader:
-        mtp = {name: reader.get(name).float() for name in reader.names() if name.startswith("mtp.")}
+    with _transformers_quiet():
+        expected, expected_mtp = _hf_logits(hf_model_class(config), hf_dir, mtp, prompt, spec)
     if spec.is_vl:
         from codegen.runtime.vl_model import vl_forward_logits
-        from codegen.testing.vl import hf_vl_logits, reference_vl_mtp_logits
 
-        expected = hf_vl_logits(hf, prompt)
-        expected_mtp = [reference_vl_mtp_logits(hf, mtp, prompt)] if spec.mtp_layers else []
         build, forward = bridge.build_vl_model, vl_forward_logits
     else:
-        with torch.no_grad():
-            expected = hf(input_ids=prompt).logits
-            expected_mtp = [reference_mtp_logits(hf, mtp, prompt)] if spec.mtp_layers else []
         build, forward = bridge.build_model, forward_logits
 
     parallel = init_parallel()
@@ -94,6 +104,29 @@ def verify(
         destroy_parallel()
     deltas = tuple((got - want).abs().max().item() for got, want in zip(mtp_logits, expected_mtp))
     return Verdict((logits - expected).abs().max().item(), deltas, tolerance)
+
+
+def _hf_logits(
+    model_class: Any,
+    hf_dir: Path,
+    mtp: dict[str, torch.Tensor],
+    prompt: MultimodalInputs | torch.Tensor,
+    spec: ModelSpec,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """HF's logits on the prompt, and the MTP layer's, computed from the HF checkpoint's tensors."""
+    import torch
+
+    from codegen.testing import reference_mtp_logits
+
+    hf = model_class.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    if spec.is_vl:
+        from codegen.testing.vl import hf_vl_logits, reference_vl_mtp_logits
+
+        mtp_logits = [reference_vl_mtp_logits(hf, mtp, prompt)] if spec.mtp_layers else []
+        return hf_vl_logits(hf, prompt), mtp_logits
+    with torch.no_grad():
+        mtp_logits = [reference_mtp_logits(hf, mtp, prompt)] if spec.mtp_layers else []
+        return hf(input_ids=prompt).logits, mtp_logits
 
 
 def _vl_prompt(config: dict[str, Any], merge: int, *, tokens: int, seed: int) -> MultimodalInputs:
@@ -109,3 +142,20 @@ def _vl_prompt(config: dict[str, Any], merge: int, *, tokens: int, seed: int) ->
     return synthetic_prompt(
         config, [(t, rows * merge, cols * merge)], text_tokens=tokens - image_tokens, seed=seed
     )
+
+
+@contextmanager
+def _transformers_quiet() -> Iterator[None]:
+    """transformers' loading bar and notices (such as the one a standalone MTP expert module gives)
+    say nothing about the comparison; errors still show."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
