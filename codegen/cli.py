@@ -261,14 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("summary", cmd_summary, "describe a bridge in Markdown for its pull request")
     _add_source_options(p)
     p = verb("diff", cmd_diff, "what changes between two bridges: spec, key manifest, then code")
-    p.add_argument(
-        "old",
-        help="a reference as for generate (default layouts), or a generated module file (generated/x.py)",
+    side = (
+        "a reference as for generate (default layouts), a generated module file (generated/x.py), "
+        "or one as of a git revision (main:generated/x.py)"
     )
-    p.add_argument(
-        "new",
-        help="a reference as for generate (default layouts), or a generated module file (generated/x.py)",
-    )
+    p.add_argument("old", help=side)
+    p.add_argument("new", help=side)
     verb("list", cmd_list, "list the bundled catalog with provenance")
     return parser
 

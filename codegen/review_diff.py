@@ -1,7 +1,8 @@
 """`codegen diff OLD NEW`: what a regeneration changes, for review. First the spec (source, fields,
 layer kinds, layouts), then the key manifest (families added, removed, re-shaped, re-ranged), then
-the generated code itself. Each side is a model reference (generated in memory) or a bridge module
-file, whose table is read as written and whose spec is inferred again from its recorded source."""
+the generated code itself. Each side is a model reference (generated in memory), a bridge module
+file, whose table is read as written and whose spec is inferred again from its recorded source, or
+`REV:PATH`, a module as of a git revision, whose spec that revision infers from its own sources."""
 
 from __future__ import annotations
 
@@ -11,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from codegen import generator, manifest
+from codegen import generator, manifest, revision
 from codegen.errors import CodegenError
 from codegen.families import PLACEHOLDERS
 from codegen.manifest import Manifest
-from codegen.sources import Source
 from codegen.spec.model import ModelSpec
 from codegen.spec_diff import spec_changes
 
@@ -35,21 +35,19 @@ class Side:
     text: str
     manifest: Manifest
     spec: ModelSpec
-    source: Source
+    provenance: str
     spec_sha256: str  # the fingerprint the module records (a file may predate its source's spec)
 
 
 def load(arg: str) -> Side:
-    """A bridge module file (`*.py`) as it is, or the bridge generated in memory for a reference."""
+    """A bridge module file (`*.py`) as it is, a module as of a git revision (`REV:PATH.py`), or
+    the bridge generated in memory for a reference."""
+    at_revision = revision.split(arg)
+    if at_revision is not None:
+        return _at_revision(*at_revision)
     path = Path(arg)
     if path.suffix == ".py" and path.is_file():
-        text = path.read_text(encoding="utf-8")
-        command = _banner(text).get("regenerate")
-        if command is None:
-            raise CodegenError(f"{arg}: no `{REGENERATE.strip()}` line; is it a generated bridge?")
-        source, spec = generator.infer(generator.request_of_command(command))
-        table = manifest.parse(manifest.of_module(text, path.stem), arg)
-        return Side(arg, text, table, spec, source, table["spec_sha256"])
+        return _module(arg, path.read_text(encoding="utf-8"), path.stem)
     generated = generator.generate(generator.Request(ref=arg))
     table = manifest.parse(generated.manifest, generated.module)
     return Side(
@@ -57,9 +55,37 @@ def load(arg: str) -> Side:
         generated.text,
         table,
         generated.spec,
-        generated.source,
+        generated.source.provenance,
         generated.spec.fingerprint(),
     )
+
+
+def _module(label: str, text: str, stem: str) -> Side:
+    source, spec = generator.infer(generator.request_of_command(_regenerate(text, label)))
+    table = manifest.parse(manifest.of_module(text, stem), label)
+    return Side(label, text, table, spec, source.provenance, table["spec_sha256"])
+
+
+def _at_revision(rev: str, path: str) -> Side:
+    """The module as committed at `rev`, with the spec `rev` itself infers for it, where it can."""
+    old = revision.read(rev, path, generator.REPO_ROOT, lambda text: _regenerate(text, path))
+    side = _module(old.label, old.text, Path(path).stem)
+    if old.spec is None or old.provenance is None:
+        return side  # the spec lines then say that the source no longer gives its spec
+    try:
+        spec = ModelSpec.from_dict(old.spec)
+    except (KeyError, TypeError) as e:  # a revision with another spec schema
+        raise CodegenError(
+            f"{old.label}: its revision describes the spec differently ({e})"
+        ) from None
+    return Side(old.label, old.text, side.manifest, spec, old.provenance, side.spec_sha256)
+
+
+def _regenerate(text: str, label: str) -> str:
+    command = _banner(text).get("regenerate")
+    if command is None:
+        raise CodegenError(f"{label}: no `{REGENERATE.strip()}` line; is it a generated bridge?")
+    return command
 
 
 def _banner(text: str) -> dict[str, str]:
@@ -99,19 +125,22 @@ def _spec_lines(old: Side, new: Side) -> Iterator[str]:
     for key in BANNER_FIELDS:
         if a.get(key) != b.get(key):
             yield f"{key}: {a.get(key)} -> {b.get(key)}"
-    if old.source.provenance != new.source.provenance:
-        yield f"provenance: {old.source.provenance} -> {new.source.provenance}"
+    if old.provenance != new.provenance:
+        yield f"provenance: {old.provenance} -> {new.provenance}"
     if old.manifest["model_id"] != new.manifest["model_id"]:
         yield f"model id: {old.manifest['model_id']} -> {new.manifest['model_id']}"
-    for side in (old, new):
-        if side.spec.fingerprint() != side.spec_sha256:
-            yield (
-                f"note: {side.label} records spec sha256 {side.spec_sha256[:12]}, but its source now gives "
-                f"{side.spec.fingerprint()[:12]}; the spec lines compare what the sources give today"
-            )
+    stale = [side for side in (old, new) if side.spec.fingerprint() != side.spec_sha256]
+    for side in stale:
+        yield (
+            f"warning: {side.label} records spec sha256 {side.spec_sha256[:12]}, but its source now "
+            f"gives {side.spec.fingerprint()[:12]}, so the lines below compare what the sources give "
+            "today, not what it was generated from; name it as REV:PATH (e.g. main:generated/x.py) "
+            "to read its source as of that revision"
+        )
     changes = spec_changes(old.spec, new.spec)
     if not changes:
-        yield f"architecture and layouts: identical (spec sha256 {new.spec.fingerprint()[:12]})"
+        today = " as the sources give them today" if stale else ""
+        yield f"architecture and layouts: identical{today} (spec sha256 {new.spec.fingerprint()[:12]})"
         return
     yield from changes.fields
     yield from changes.layers

@@ -8,8 +8,12 @@ heads of 256, 256 experts, top-8, attention every 4th layer), not from the gener
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,10 +172,68 @@ def test_diff_notes_a_file_whose_source_no_longer_gives_its_spec(
     spec, _, _ = sections(run(capsys, "diff", str(old), "generated/qwen3_5_27b.py"))
     assert any(
         line.startswith(
-            f"- note: {old} records spec sha256 000000000000, but its source now gives "
+            f"- warning: {old} records spec sha256 000000000000, but its source now gives "
         )
         for line in spec
     ), spec
+
+
+def _git(repo: Path, *args: str) -> str:
+    identity = ["-c", "user.name=test", "-c", "user.email=test@example.com"]
+    done = subprocess.run(
+        ["git", "-C", str(repo), *identity, *args], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _codegen(repo: Path, *args: str) -> str:
+    env = dict(os.environ, PYTHONPATH=str(repo), HF_HUB_OFFLINE="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "codegen", *args], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_diff_against_a_revision_shows_the_config_fields_a_pull_request_changed(
+    tmp_path: Path,
+) -> None:
+    """A pull request edits a catalog config and regenerates: the old module's source, read today,
+    already gives the new spec, so only `REV:PATH` can show which fields the edit changed."""
+    repo = tmp_path / "repo"
+    skip = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", ".pytest_cache")
+    shutil.copytree(generator.REPO_ROOT, repo, ignore=skip)
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "before")
+    config_path = repo / "codegen/catalog/Qwen__Qwen3.6-27B.json"
+    config = json.loads(config_path.read_text())
+    assert config["text_config"]["vocab_size"] == 248320
+    config["text_config"]["vocab_size"] = 151936
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    _codegen(repo, "generate", "catalog:Qwen/Qwen3.6-27B")
+    _git(repo, "commit", "-qam", "after")
+
+    module = "generated/qwen3_6_27b.py"
+    spec, keys, _ = sections(_codegen(repo, "diff", f"HEAD~1:{module}", module))
+    assert "- vocab_size: 248320 -> 151936" in spec, spec
+    assert not any(line.startswith("- warning:") for line in spec), spec
+    reshaped = (
+        "  re-shaped model.language_model.embed_tokens.weight: (248320, 5120) -> (151936, 5120)"
+    )
+    assert reshaped in keys, keys
+
+    # The same module taken out of git by hand cannot know its old source: the diff says so.
+    (tmp_path / "old.py").write_text(_git(repo, "show", f"HEAD~1:{module}"))
+    spec, _, _ = sections(_codegen(repo, "diff", str(tmp_path / "old.py"), module))
+    assert any(line.startswith(f"- warning: {tmp_path / 'old.py'} records spec") for line in spec)
+    assert "- vocab_size: 248320 -> 151936" not in spec
+
+
+def test_diff_names_a_revision_git_does_not_know(capsys) -> None:
+    assert main(["diff", "no-such-rev:generated/qwen3_5_27b.py", "Qwen/Qwen3.5-27B"]) == 2
+    assert "git show no-such-rev:generated/qwen3_5_27b.py" in capsys.readouterr().err
 
 
 def test_diff_of_committed_files_equals_diff_of_references(capsys, monkeypatch) -> None:
