@@ -48,6 +48,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = args.out or generator.GENERATED
     for path in generator.write(generated, out):
         print(f"wrote {path}")
+    source = generated.entry.source
+    if out == generator.GENERATED and not generator.committable(source):
+        print(
+            f"note: the source {source} ({generated.source.provenance}) is not in the repository, "
+            "so `codegen check` cannot regenerate this bridge offline; to commit it, generate from "
+            "a copy of the config inside the repository or from catalog:ID",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -160,7 +160,7 @@ def check(folder: Path | None = None) -> list[Drift]:
     expected: dict[str, str] = {}
     for entry in entries.values():
         command = command_of(entry.source, entry.options)
-        if not _committable(entry.source):
+        if not committable(entry.source):
             drifts.append(
                 Drift(
                     entry.model_id,
@@ -254,7 +254,8 @@ def _request(ref: str, opts: dict[str, str]) -> Request:
     )
 
 
-def _committable(ref: str) -> bool:
+def committable(ref: str) -> bool:
+    """Whether `codegen check` can regenerate from this source: the catalog or a repository file."""
     if ref.startswith(sources.CATALOG_SCHEME):
         return True
     path = Path(ref)

@@ -130,6 +130,20 @@ def test_generate_into_the_committed_folder_updates_the_index(
     assert generator.check(generated_copy) == []
 
 
+def test_generate_into_the_committed_folder_says_when_check_cannot_regenerate(
+    generated_copy: Path, monkeypatch, tmp_path: Path, capsys
+) -> None:
+    monkeypatch.setattr(generator, "GENERATED", generated_copy)
+    assert main(["generate", "catalog:Qwen/Qwen3.5-9B"]) == 0
+    assert "note:" not in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG_27B, indent=4))
+    assert main(["generate", str(tmp_path), "--name", "elsewhere_27b"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: the source {tmp_path.resolve()}" in err and "catalog:ID" in err
+    problems = [d.problem for d in generator.check(generated_copy)]
+    assert any("neither a catalog id nor a file in the repository" in p for p in problems), problems
+
+
 # -- Sources -------------------------------------------------------------------------------------
 
 
