@@ -5,6 +5,8 @@ logits, and read back to HF bit for bit."""
 from __future__ import annotations
 
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 from functools import partial
@@ -368,3 +370,60 @@ def test_quiet_conversion_prints_nothing_even_when_it_derives_the_layout(
     assert result.returncode == 0, result.stderr
     assert list((tmp_path / "cache").rglob("*.json")), "the layout was not derived afresh"
     assert (result.stdout, result.stderr) == ("", "")
+
+
+def _tampered(convert_variant, tmp_path: Path, edit) -> tuple[Path, Path]:
+    """A copy of the moe-text torch_dist checkpoint with `edit(folder)` applied to it."""
+    tmp, _checkpoint, _spec = convert_variant("moe-text")
+    folder = tmp_path / "dist"
+    shutil.copytree(tmp / "dist", folder)
+    edit(folder)
+    return folder, tmp / "bridges"
+
+
+def _edit_metadata(folder: Path, change) -> None:
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    change(metadata.state_dict_metadata)
+    with (folder / ".metadata").open("wb") as f:
+        pickle.dump(metadata, f)
+
+
+def _drop_a_chunk(entries) -> None:
+    entries["decoder.final_layernorm.weight"].chunks.clear()
+
+
+def _retype(entries) -> None:
+    entries["decoder.final_layernorm.weight"].properties.dtype = torch.float16
+
+
+def _shrink_a_chunk(entries) -> None:
+    chunk = entries["decoder.final_layernorm.weight"].chunks[0]
+    chunk.sizes = torch.Size([chunk.sizes[0] // 2])
+
+
+def _truncate_data(folder: Path) -> None:
+    data = next(folder.glob("*.distcp"))
+    os.truncate(data, data.stat().st_size // 2)
+
+
+FAULTS = {
+    "chunk-list-emptied": (lambda f: _edit_metadata(f, _drop_a_chunk), "hold 0 of its"),
+    "chunk-halved": (lambda f: _edit_metadata(f, _shrink_a_chunk), "of its"),
+    "dtype-changed": (lambda f: _edit_metadata(f, _retype), ".metadata and the data disagree"),
+    "data-file-deleted": (lambda f: next(f.glob("*.distcp")).unlink(), "cannot open"),
+    "data-file-truncated": (_truncate_data, "decoder."),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_a_tampered_checkpoint_is_refused_never_read_as_other_values(
+    convert_variant, tmp_path: Path, capsys, fault: str
+) -> None:
+    """Uncovered regions would read as whatever memory held; retyped chunks as other values."""
+    edit, message = FAULTS[fault]
+    folder, bridges = _tampered(convert_variant, tmp_path, edit)
+    args = ["convert", "megatron-to-hf", str(folder), str(tmp_path / "hf")]
+    assert main([*args, "--bridge-dir", str(bridges), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("codegen convert: error: ") and message in err, err
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))

@@ -6,6 +6,7 @@ record and read into place; DCP's own reader serves any record this one does not
 
 from __future__ import annotations
 
+import io
 import math
 import mmap
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.storage import _get_dtype_from_pickle_storage_type
 
 from codegen.errors import ConversionError
 from codegen.runtime.bridge import BridgeBase
@@ -94,18 +96,21 @@ _LOCAL_HEADER = b"PK\x03\x04"
 _RECORD_HEAD = 64 * 1024  # a record's pickle and small entries come before its storage
 
 
-def _storage_start(fd: int, offset: int, length: int) -> int | None:
-    """Where the one storage of a `torch.save` record starts in the file: its zip entry
-    `<archive>/data/0` is found by its local header among the record's first bytes, and must be
-    stored uncompressed, in little-endian byte order, with no second storage. None otherwise."""
+def _storage_start(fd: int, offset: int, length: int) -> tuple[int, torch.dtype, int] | None:
+    """Where the one storage of a `torch.save` record starts in the file, with its dtype and
+    number of elements as the record's pickle gives them: its zip entry `<archive>/data/0` is found
+    by its local header among the record's first bytes, and must be stored uncompressed, in
+    little-endian byte order, with no second storage. None otherwise."""
     head = os.pread(fd, min(length, _RECORD_HEAD), offset)
-    start, storages, little = None, 0, False
+    start, storages, little, storage = None, 0, False, None
     position = head.find(_LOCAL_HEADER)
     while 0 <= position and position + 30 <= len(head):
         method = struct.unpack("<H", head[position + 8 : position + 10])[0]
         name_length, extra_length = struct.unpack("<HH", head[position + 26 : position + 30])
         name = head[position + 30 : position + 30 + name_length]
         data = position + 30 + name_length + extra_length
+        if name.endswith(b"/data.pkl") and method == 0:
+            storage = _pickled_storage(head[data:])
         if b"/data/" in name:
             storages += 1
             if method != 0:
@@ -115,7 +120,70 @@ def _storage_start(fd: int, offset: int, length: int) -> int | None:
         if name.endswith(b"/byteorder"):
             little = head[data : data + 6] == b"little"
         position = head.find(_LOCAL_HEADER, data)
-    return start if storages == 1 and little else None
+    if start is None or storages != 1 or not little or storage is None:
+        return None
+    return start, *storage
+
+
+class _StoragePeek(pickle.Unpickler):
+    """Reads a record's pickle only for its storage's (type, numel); builds nothing else."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self.storages: list[tuple[str, int]] = []
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name.endswith("Storage"):
+            return name
+        return lambda *args, **kwargs: None
+
+    def persistent_load(self, pid: Any) -> None:
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            self.storages.append((pid[1], pid[4]))
+
+
+def _pickled_storage(data: bytes) -> tuple[torch.dtype, int] | None:
+    peek = _StoragePeek(data)
+    try:
+        peek.load()
+        (type_name, numel), *more = peek.storages
+        dtype = _get_dtype_from_pickle_storage_type(type_name)  # e.g. FloatStorage: float32
+    except Exception:  # noqa: BLE001 - anything unexpected leaves the record to DCP's reader
+        return None
+    return None if more else (dtype, numel)
+
+
+def _check_chunks(key: str, stored: _Stored, directory: Path) -> None:
+    """The key's chunks tile its tensor exactly (inside it, not overlapping, covering it), each
+    with data in the checkpoint: nothing is left as whatever memory held before."""
+    total = 0
+    boxes = []
+    for offsets, (sizes, info) in stored.chunks.items():
+        if len(offsets) != len(stored.size) or len(sizes) != len(stored.size):
+            raise ConversionError(f"{key}: a chunk of the wrong rank in {directory}/.metadata")
+        if any(o < 0 or n < 0 or o + n > d for o, n, d in zip(offsets, sizes, stored.size)):
+            raise ConversionError(
+                f"{key}: chunk at {list(offsets)} of size {list(sizes)} lies outside its tensor "
+                f"{list(stored.size)} in {directory}/.metadata"
+            )
+        if info is None:
+            raise ConversionError(
+                f"{key}: chunk at {list(offsets)} has no data in the torch_dist checkpoint at {directory}"
+            )
+        for other_offsets, other_sizes in boxes:
+            if all(
+                a < b + m and b < a + n
+                for a, n, b, m in zip(offsets, sizes, other_offsets, other_sizes)
+            ):
+                raise ConversionError(
+                    f"{key}: chunks at {list(other_offsets)} and {list(offsets)} overlap in {directory}/.metadata"
+                )
+        boxes.append((offsets, sizes))
+        total += math.prod(sizes)
+    if total != math.prod(stored.size):
+        raise ConversionError(
+            f"{key}: its chunks hold {total} of its {math.prod(stored.size)} values in {directory}/.metadata"
+        )
 
 
 def _users(storage: torch.UntypedStorage) -> int:
@@ -166,7 +234,12 @@ class _Records:
 
     def _fd(self, relative: str) -> int:
         if relative not in self._fds:
-            self._fds[relative] = os.open(self._directory / relative, os.O_RDONLY)
+            try:
+                self._fds[relative] = os.open(self._directory / relative, os.O_RDONLY)
+            except OSError as e:
+                raise ConversionError(
+                    f"{self._directory / relative}: cannot open this torch_dist data file ({e.strerror})"
+                ) from None
         return self._fds[relative]
 
     def tensor(self, key: str) -> torch.Tensor | None:
@@ -174,7 +247,7 @@ class _Records:
         stored = self._stored[key]
         places = {}
         for offsets, (sizes, info) in stored.chunks.items():
-            start = self._start(info, stored.dtype, sizes)
+            start = self._start(key, info, stored.dtype, sizes)
             if start is None:
                 return None
             places[offsets] = (sizes, info, start)
@@ -190,13 +263,23 @@ class _Records:
                 region.copy_(self._map(info.relative_path, start, stored.dtype, sizes))
         return full
 
-    def _start(self, info: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> int | None:
-        """Where the chunk's data starts, if this reader can read the record (else None)."""
+    def _start(self, key: str, info: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> int | None:
+        """Where the chunk's data starts, if this reader can read the record (else None). A record
+        whose storage is not of the dtype .metadata names, or too small for the chunk, is an error:
+        its bytes would be read as other values."""
         if info is None or getattr(info, "transform_descriptors", None):
             return None
-        start = _storage_start(self._fd(info.relative_path), info.offset, info.length)
-        if start is None or start + math.prod(shape) * dtype.itemsize > info.offset + info.length:
+        found = _storage_start(self._fd(info.relative_path), info.offset, info.length)
+        if found is None:
             return None
+        start, stored_dtype, numel = found
+        if stored_dtype != dtype or numel < math.prod(shape):
+            raise ConversionError(
+                f"{key}: .metadata says a chunk of {list(shape)} {dtype}, but its record in "
+                f"{info.relative_path} holds {numel} {stored_dtype}; .metadata and the data disagree"
+            )
+        if start + math.prod(shape) * dtype.itemsize > info.offset + info.length:
+            raise ConversionError(f"{key}: its record in {info.relative_path} ends before its data")
         return start
 
     def _map(
@@ -206,12 +289,17 @@ class _Records:
         if count == 0:
             return torch.empty(shape, dtype=dtype)
         aligned = start - start % mmap.ALLOCATIONGRANULARITY
-        mapped = mmap.mmap(
-            self._fd(relative),
-            start + count * dtype.itemsize - aligned,
-            offset=aligned,
-            access=mmap.ACCESS_COPY,
-        )
+        try:
+            mapped = mmap.mmap(
+                self._fd(relative),
+                start + count * dtype.itemsize - aligned,
+                offset=aligned,
+                access=mmap.ACCESS_COPY,
+            )
+        except ValueError:  # the mapping would reach past the end of the file
+            raise ConversionError(
+                f"{self._directory / relative}: truncated; a record's data reaches past its end"
+            ) from None
         # DCP puts records anywhere in its files, so the data may not be aligned to its dtype.
         return torch.frombuffer(mapped, dtype=dtype, offset=start - aligned, count=count).reshape(
             shape
@@ -279,6 +367,8 @@ class Reader:
                 f"{unexpected[0]}: unexpected tensor in the torch_dist checkpoint at {directory}"
             )
         check_coverage(bridge, set(self._pieces))
+        for key, entry in stored.items():
+            _check_chunks(key, entry, self.directory)
         self._dtypes = {k: v.dtype for k, v in stored.items()}
         self._global = {k: v.size for k, v in stored.items()}
         self._keys: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -333,14 +423,22 @@ class Reader:
         missing = [k for k in missing if k not in self._keys]
         if missing:  # records this reader does not map: DCP's own reader
             from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, load
+            from torch.distributed.checkpoint.api import CheckpointException
 
             state = {k: torch.empty(self._global[k], dtype=self._dtypes[k]) for k in missing}
-            load(
-                state,
-                storage_reader=FileSystemReader(str(self.directory)),
-                planner=DefaultLoadPlanner(flatten_state_dict=False),
-                no_dist=True,
-            )
+            try:
+                load(
+                    state,
+                    storage_reader=FileSystemReader(str(self.directory)),
+                    planner=DefaultLoadPlanner(flatten_state_dict=False),
+                    no_dist=True,
+                )
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - a bad data file
+                lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+                cause = lines[-1] if lines else type(e).__name__  # DCP's last line names it
+                raise ConversionError(
+                    f"{missing[0]}: cannot read it from the torch_dist checkpoint at {self.directory} ({cause})"
+                ) from None
             self._keys.update(state)
         for key in keys:
             self._keys.move_to_end(key)
