@@ -309,3 +309,41 @@ def test_fp8_scale_faults(tmp_path, capsys):
     del index["weight_map"][scale]
     (path / INDEX).write_text(json.dumps(index))
     convert_fails(path, tmp_path, capsys, weight, "float8 weight without its scale")
+
+
+def test_shards_in_a_subfolder_are_read_from_there(source, tmp_path, capsys):
+    """The index's paths name the files; a same-named file elsewhere in the folder is not one."""
+    index = index_of(source)
+    (source / "sub").mkdir()
+    decoy = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        shutil.move(source / shard, source / "sub" / shard)
+        decoy[shard] = {
+            k: torch.zeros_like(v) for k, v in load_file(source / "sub" / shard).items()
+        }
+        save_file(decoy[shard], source / shard, metadata={"format": "pt"})
+    index["weight_map"] = {k: f"sub/{v}" for k, v in index["weight_map"].items()}
+    (source / INDEX).write_text(json.dumps(index))
+    common = ["--bridge-dir", str(tmp_path / "bridges"), "--quiet"]
+    assert main(["convert", "hf-to-megatron", str(source), str(tmp_path / "m"), *common]) == 0
+    assert (
+        main(["convert", "megatron-to-hf", str(tmp_path / "m"), str(tmp_path / "back"), *common])
+        == 0
+    )
+    back = {}
+    for shard in set(index_of(tmp_path / "back")["weight_map"].values()):
+        back |= load_file(tmp_path / "back" / shard)
+    original = {}
+    for shard in set(index["weight_map"].values()):
+        original |= load_file(source / shard)
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[k], original[k]) for k in original)
+
+
+def test_index_naming_a_shard_outside_the_folder(source, tmp_path, capsys):
+    index = index_of(source)
+    index["weight_map"][GATE] = "../elsewhere.safetensors"
+    (source / INDEX).write_text(json.dumps(index))
+    convert_fails(
+        source, tmp_path, capsys, "../elsewhere.safetensors", "outside the checkpoint folder"
+    )

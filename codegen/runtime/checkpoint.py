@@ -57,9 +57,10 @@ class TensorInfo:
 MAX_HEADER_BYTES = 100 * 1000**2
 
 
-def read_header(path: Path) -> dict[str, TensorInfo]:
+def read_header(path: Path, file: str | None = None) -> dict[str, TensorInfo]:
     """Every tensor of a safetensors file, from its header, checked as the safetensors library
-    checks it: known dtypes, sizes that match shapes, and data that covers the file exactly."""
+    checks it: known dtypes, sizes that match shapes, and data that covers the file exactly. `file`
+    is the name the tensors are filed under (the index's path; by default the file's name)."""
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -81,7 +82,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 raise ValueError(
                     f"{name}: {end - begin} bytes for shape {list(shape)} {entry['dtype']}"
                 )
-            tensors[name] = TensorInfo(path.name, dtype, shape, 8 + length + begin, end - begin)
+            tensors[name] = TensorInfo(
+                file or path.name, dtype, shape, 8 + length + begin, end - begin
+            )
     except (
         json.JSONDecodeError,
         UnicodeDecodeError,
@@ -141,6 +144,10 @@ class CheckpointReader:
             raise ConversionError(f"{self.directory}: no {INDEX_NAME} or {SINGLE_FILE}")
         files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
         for file in files:
+            if Path(file).is_absolute() or ".." in Path(file).parts:
+                raise ConversionError(
+                    f"{self.directory / INDEX_NAME}: shard {file} lies outside the checkpoint folder"
+                )
             if not (self.directory / file).is_file():
                 example = next(k for k, v in weight_map.items() if v == file)
                 raise ConversionError(
@@ -148,7 +155,7 @@ class CheckpointReader:
                 )
         for file in files:
             path = self.directory / file
-            for name, info in read_header(path).items():
+            for name, info in read_header(path, file).items():
                 if name in self.tensors:
                     raise ConversionError(
                         f"{name}: duplicate tensor, in {self.tensors[name].file} and {file}"
