@@ -309,6 +309,21 @@ def test_fp8_scale_faults(tmp_path, capsys):
     del index["weight_map"][scale]
     (path / INDEX).write_text(json.dumps(index))
     convert_fails(path, tmp_path, capsys, weight, "float8 weight without its scale")
+    shard.write_bytes(original)
+    (path / INDEX).write_text(
+        json.dumps(index_of(path) | {"weight_map": index["weight_map"] | {scale: shard.name}})
+    )
+    rewrite_shard(shard, lambda ts: ts.update({scale: ts[scale].to(torch.int32)}))
+    convert_fails(path, tmp_path, capsys, scale, "torch.int32", "float32 or bfloat16")
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.int32, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2], ids=str
+)
+def test_a_weight_that_is_not_a_float_weight(source, tmp_path, capsys, dtype):
+    """Alone in its group (so no group dtype check could catch it), stored as is on the way."""
+    rewrite_shard(shard_of(source, NORM), lambda ts: ts.update({NORM: ts[NORM].to(dtype)}))
+    convert_fails(source, tmp_path, capsys, NORM, str(dtype), "a weight is float32")
 
 
 def test_shards_in_a_subfolder_are_read_from_there(source, tmp_path, capsys):

@@ -38,6 +38,8 @@ HF_EXTRA_FILES = ("generation_config.json",)
 MEGATRON_SAFETENSORS = "megatron-safetensors"
 MEGATRON_TORCH_DIST = "megatron-torch_dist"
 FORMATS = {"safetensors": MEGATRON_SAFETENSORS, "torch_dist": MEGATRON_TORCH_DIST}
+#: What a weight may be stored as (FP8 releases: their float8 weights are read dequantised).
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class Progress:
@@ -87,6 +89,11 @@ def check_source(reader: CheckpointReader, expected: Mapping[str, Shape], what: 
         if found != tuple(shape):
             raise ConversionError(
                 f"{name}: shape {list(found)} in {reader.file(name)}, but the bridge expects {list(shape)}"
+            )
+        if reader.dtype(name) not in WEIGHT_DTYPES:
+            raise ConversionError(
+                f"{name}: dtype {reader.dtype(name)} in {reader.file(name)}; a weight is float32, "
+                "bfloat16 or float16 (float8 only as the quantised weights of an FP8 release)"
             )
 
 

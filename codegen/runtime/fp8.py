@@ -20,6 +20,7 @@ from codegen.runtime.checkpoint import CheckpointReader
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 SCALE_SUFFIX = "_scale_inv"
+SCALE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def scale_name(name: str) -> str:
@@ -100,6 +101,10 @@ class DequantizingReader:
             scale = scale_name(name)
             if scale not in reader.names():
                 raise ConversionError(f"{name}: float8 weight without its scale {scale}")
+            if reader.dtype(scale) not in SCALE_DTYPES:
+                raise ConversionError(
+                    f"{scale}: dtype {reader.dtype(scale)}; a scale is float32 or bfloat16"
+                )
             expected = scale_shape(reader.shape(name), self._block)
             if reader.shape(scale) != expected:
                 raise ConversionError(
