@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 
 from codegen import bridges, sources
-from codegen.errors import ConversionError
+from codegen.errors import CodegenError, ConversionError
 from codegen.generator import REPO_ROOT, command_of
 from codegen.progress import for_terminal
 from codegen.render import Origin
@@ -18,6 +19,8 @@ from codegen.runtime import convert as runtime_convert
 from codegen.runtime.bridge import BridgeBase
 from codegen.runtime.mappings import ConvertOptions
 from codegen.spec import ModelSpec, infer_spec
+from codegen.spec.infer import LayoutChoices
+from codegen.spec_diff import spec_changes
 
 
 def _say(message: str, quiet: bool) -> None:
@@ -107,8 +110,7 @@ def megatron_to_hf(
     max_shard_bytes: int,
     quiet: bool = False,
 ) -> runtime_convert.Report:
-    record = runtime_convert.read_record(src)
-    spec = ModelSpec.from_dict(record["spec"])
+    record, spec = recorded_spec(src)
     spec = _with_layouts(spec, experts, mtp_experts)
     if fp8 and spec.quantization is None:
         raise ConversionError(
@@ -127,6 +129,47 @@ def megatron_to_hf(
         progress=progress,
         fp8_tensors=record.get("fp8_tensors", ()),
     )
+
+
+def recorded_spec(src: Path) -> tuple[dict[str, Any], ModelSpec]:
+    """The record a Megatron checkpoint keeps (`codegen.json`) and its spec, held against itself
+    and against the HF config kept beside it: a record edited by hand, or an HF config that is not
+    the model's, would convert the tensors of one model with the layout rules of another."""
+    record = runtime_convert.read_record(src)
+    where = src / runtime_convert.RECORD
+    if not isinstance(record, dict) or not isinstance(record.get("spec"), dict):
+        raise ConversionError(f"{where}: not a record written by codegen convert (no spec)")
+    if not isinstance(record.get("model_id"), str) or not record["model_id"]:
+        raise ConversionError(f"{where}: no model_id")
+    if record.get("format", runtime_convert.MEGATRON_SAFETENSORS) not in (
+        runtime_convert.FORMATS.values()
+    ):
+        raise ConversionError(f"{where}: unknown format {record.get('format')!r}")
+    try:
+        spec = ModelSpec.from_dict(record["spec"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConversionError(f"{where}: its spec is not one codegen writes ({e!r})") from None
+    if spec.fingerprint() != record.get("spec_sha256"):
+        raise ConversionError(
+            f"{where}: its spec does not match its spec_sha256; the record was edited"
+        )
+    config_path = src / runtime_convert.HF_CONFIG
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{config_path}: cannot read the HF config ({e})") from None
+    choices = LayoutChoices(spec.experts_layout, spec.mtp_experts_layout, spec.hf_prefix)
+    try:
+        from_config = infer_spec(config, choices=choices)
+    except CodegenError as e:
+        raise ConversionError(f"{config_path}: {e}") from None
+    if from_config.fingerprint() != spec.fingerprint():
+        changed = spec_changes(spec, from_config)
+        first = (changed.fields + changed.layers + changed.layouts or ["?"])[0]
+        raise ConversionError(
+            f"{config_path}: describes another model than {where} records ({first})"
+        )
+    return record, spec
 
 
 def _with_layouts(spec: ModelSpec, experts: str | None, mtp_experts: str | None) -> ModelSpec:

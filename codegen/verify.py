@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     import torch
 
     from codegen.runtime.vl_model import MultimodalInputs
-    from codegen.spec import ModelSpec
 
 DEFAULT_TOLERANCE = 1e-4
 #: The image in a VL prompt, in merged vision tokens: (temporal patches, rows, columns).
@@ -51,19 +50,17 @@ def verify(
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     import torch
 
-    from codegen.conversion import bridge_for_spec
+    from codegen.conversion import bridge_for_spec, recorded_spec
     from codegen.runtime.checkpoint import CheckpointReader
-    from codegen.runtime.convert import check_source, megatron_reader, read_record
+    from codegen.runtime.convert import check_source, megatron_reader
     from codegen.runtime.megatron_model import forward_logits
     from codegen.runtime.parallel import destroy_parallel, init_parallel
-    from codegen.spec import ModelSpec
     from codegen.testing import hf_model_class, use_torch_gdn_kernels
 
     hf_dir, megatron_dir = Path(hf_dir), Path(megatron_dir)
     if not (hf_dir / "config.json").is_file():
         raise CodegenError(f"{hf_dir}: no config.json; not an HF checkpoint folder")
-    record = read_record(megatron_dir)
-    spec = ModelSpec.from_dict(record["spec"])
+    record, spec = recorded_spec(megatron_dir)
     if spec.quantization is not None:
         raise CodegenError("verify runs the HF model in fp32: FP8 checkpoints are not supported")
     bridge = bridge_for_spec(spec, record["model_id"], quiet=quiet)

@@ -362,3 +362,79 @@ def test_index_naming_a_shard_outside_the_folder(source, tmp_path, capsys):
     convert_fails(
         source, tmp_path, capsys, "../elsewhere.safetensors", "outside the checkpoint folder"
     )
+
+
+# -- The Megatron side's record and HF config -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def converted_pristine(pristine: Path, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("megatron")
+    args = ["convert", "hf-to-megatron", str(pristine), str(tmp / "m"), "--quiet"]
+    assert main([*args, "--bridge-dir", str(tmp / "bridges")]) == 0
+    return tmp / "m"
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _reseal(record: dict) -> None:
+    """An edit that also recomputes the record's own checksum."""
+    from codegen.spec import ModelSpec
+
+    record["spec_sha256"] = ModelSpec.from_dict(record["spec"]).fingerprint()
+
+
+def _edited_spec_resealed(record: dict) -> None:
+    gdn = record["spec"]["gdn"]
+    gdn["num_value_heads"], gdn["num_key_heads"] = gdn["num_key_heads"], gdn["num_value_heads"]
+    _reseal(record)
+
+
+RECORD_FAULTS = {
+    "spec-edited": (
+        "codegen.json",
+        lambda r: r["spec"].update(family="llama"),
+        "does not match its spec_sha256",
+    ),
+    "spec-edited-and-resealed": ("codegen.json", _edited_spec_resealed, "describes another model"),
+    "bad-layout": (
+        "codegen.json",
+        lambda r: (r["spec"].update(experts_layout="bogus"), _reseal(r)),
+        "expected packed or per_expert",
+    ),
+    "unknown-format": ("codegen.json", lambda r: r.update(format="foo"), "unknown format 'foo'"),
+    "no-spec": ("codegen.json", lambda r: r.pop("spec"), "no spec"),
+    "hf-config-edited": (
+        "hf_config.json",
+        lambda c: c.update(hidden_size=128),
+        "describes another model",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(RECORD_FAULTS))
+def test_a_tampered_record_or_hf_config_is_refused(
+    converted_pristine: Path, tmp_path: Path, capsys, fault: str
+) -> None:
+    """A record that lies would convert one model's tensors with another's layout rules."""
+    file, edit, message = RECORD_FAULTS[fault]
+    megatron = tmp_path / "m"
+    shutil.copytree(converted_pristine, megatron)
+    _edit_json(megatron / file, edit)
+    destination = tmp_path / "back"
+    code = main(["convert", "megatron-to-hf", str(megatron), str(destination), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not destination.exists()
+
+
+def test_a_record_that_is_not_json(converted_pristine: Path, tmp_path: Path, capsys) -> None:
+    megatron = tmp_path / "m"
+    shutil.copytree(converted_pristine, megatron)
+    (megatron / "codegen.json").write_text("{")
+    assert main(["convert", "megatron-to-hf", str(megatron), str(tmp_path / "b"), "--quiet"]) == 2
+    assert "codegen.json: not valid JSON" in capsys.readouterr().err

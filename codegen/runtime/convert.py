@@ -347,7 +347,10 @@ def read_record(source: Path) -> dict[str, Any]:
         raise ConversionError(
             f"{source}: no {RECORD}; not a Megatron checkpoint written by codegen convert"
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
 
 
 def copy_hf_files(source: Path, staging: Path) -> None:
