@@ -18,6 +18,7 @@ import pytest
 from codegen import catalog, generator
 from codegen import index as bridge_index
 from codegen.cli import main
+from codegen.manifest import load_bridge
 
 REPO = generator.REPO_ROOT
 CONFIG_27B = catalog.entry("Qwen/Qwen3.6-27B").config
@@ -313,3 +314,32 @@ def test_a_bridge_refuses_another_megatron_core(monkeypatch) -> None:
     sys.modules.pop("generated.qwen3_5_4b", None)
     with pytest.raises(ImportError, match="0.20.1"):
         __import__("generated.qwen3_5_4b")
+
+
+@pytest.mark.parametrize(
+    "folder",
+    ['evil"); open("pwned", "w"); ("', "a\\b'''\"\"\"c", "two\nlines"],
+    ids=["quote", "escapes-and-triple-quotes", "newline"],
+)
+def test_any_folder_name_is_carried_as_text_never_as_code(
+    tmp_path: Path, monkeypatch, capsys, folder: str
+) -> None:
+    """The model id comes from the folder's name; the module must hold it as a string literal."""
+    source = tmp_path / folder
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps(CONFIG_27B))
+    out = tmp_path / "out"
+    assert main(["generate", str(source), "--out", str(out), "--name", "odd_name"]) == 0
+    monkeypatch.chdir(tmp_path)
+    bridge = load_bridge((out / "odd_name.py").read_text(), "odd_name.py")
+    assert type(bridge).model_id == folder
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_folder_name_with_no_letters_asks_for_a_module_name(tmp_path: Path, capsys) -> None:
+    source = tmp_path / "___"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps(CONFIG_27B))
+    assert main(["generate", str(source), "--out", str(tmp_path / "out")]) == 2
+    assert "pass --name" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
