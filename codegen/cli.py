@@ -163,6 +163,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             experts=args.experts,
             mtp_experts=args.mtp_experts,
             fp8=args.fp8,
+            allow_norm_rounding=args.accept_norm_rounding,
             **common,
         )
     if not args.quiet:
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--accept-norm-rounding",
         action="store_true",
-        help="convert even if the GDN norm shift w - 1 rounds",
+        help="convert even if the GDN norm shift (w - 1 on import, g + 1 on export) rounds",
     )
     p.add_argument(
         "--dequantize-to",

@@ -105,6 +105,7 @@ def megatron_to_hf(
     experts: str | None = None,
     mtp_experts: str | None = None,
     fp8: bool = False,
+    allow_norm_rounding: bool = False,
     bridge_dir: Path | None = None,
     force: bool = False,
     max_shard_bytes: int,
@@ -128,6 +129,7 @@ def megatron_to_hf(
         force=force,
         progress=progress,
         fp8_tensors=record.get("fp8_tensors", ()),
+        options=ConvertOptions(allow_norm_rounding=allow_norm_rounding),
     )
 
 

@@ -438,3 +438,20 @@ def test_a_record_that_is_not_json(converted_pristine: Path, tmp_path: Path, cap
     (megatron / "codegen.json").write_text("{")
     assert main(["convert", "megatron-to-hf", str(megatron), str(tmp_path / "b"), "--quiet"]) == 2
     assert "codegen.json: not valid JSON" in capsys.readouterr().err
+
+
+def test_export_stops_where_the_norm_shift_back_rounds(
+    converted_pristine: Path, tmp_path: Path, capsys
+) -> None:
+    """A Megatron norm g (trained, say) may hold values g + 1 cannot: exporting must not round
+    them silently."""
+    megatron = tmp_path / "m"
+    shutil.copytree(converted_pristine, megatron)
+    name = "decoder.layers.0.self_attention.out_norm.weight"
+    rewrite_shard(shard_of(megatron, name), lambda ts: ts[name].__setitem__(0, 3e-8))
+    args = ["convert", "megatron-to-hf", str(megatron), str(tmp_path / "hf"), "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{name}: g + 1 is not exact" in err and "--accept-norm-rounding" in err, err
+    assert not (tmp_path / "hf").exists()
+    assert main([*args, "--accept-norm-rounding"]) == 0

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from codegen.errors import ConversionError
 from codegen.runtime import transforms as t
 from codegen.runtime.tp import COLUMN, GLU_ROWS, REPLICATED, ROW, sections
 
@@ -118,7 +120,7 @@ def test_out_norm_shift_is_exact_in_sterbenz_range(n, seed, dtype):
     )  # [0.5, 2]
     shifted = t.shift_norm_to_megatron(w, "w")
     assert torch.equal(shifted, w - 1)
-    assert torch.equal(t.shift_norm_to_hf(shifted), w)
+    assert torch.equal(t.shift_norm_to_hf(shifted, "g"), w)
 
 
 def test_out_norm_shift_refuses_inexact_values():
@@ -130,6 +132,23 @@ def test_out_norm_shift_refuses_inexact_values():
     else:
         raise AssertionError("an inexact shift must stop the conversion")
     assert torch.equal(t.shift_norm_to_megatron(w, "w", allow_rounding=True), w - 1)
+
+
+def test_out_norm_shift_back_refuses_inexact_values():
+    """A norm trained in bf16 holds small values; g + 1 cannot hold them exactly."""
+    g = torch.tensor([0.0, 0.003], dtype=torch.bfloat16)
+    name = "decoder.layers.0.self_attention.out_norm.weight"
+    with pytest.raises(ConversionError, match=f"{name}: g \\+ 1 is not exact .* 1 of 2"):
+        t.shift_norm_to_hf(g, name)
+    assert torch.equal(t.shift_norm_to_hf(g, name, allow_rounding=True), g + 1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_out_norm_shift_refuses_non_finite_values_even_when_rounding_is_accepted(bad):
+    w = torch.tensor([1.0, bad])
+    for shift in (t.shift_norm_to_megatron, t.shift_norm_to_hf):
+        with pytest.raises(ConversionError, match="1 of 2 elements are NaN or infinite"):
+            shift(w, "w", allow_rounding=True)
 
 
 @given(st.integers(1, 6), st.integers(0, 10_000))

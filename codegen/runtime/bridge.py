@@ -137,13 +137,19 @@ class BridgeBase:
         return live.export(self, model, prefix=prefix)
 
     def export_hf(
-        self, model: Any, *, language_model_only: bool = False
+        self,
+        model: Any,
+        *,
+        options: ConvertOptions = ConvertOptions(),
+        language_model_only: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Every HF tensor of `model` (on every rank)."""
+        """Every HF tensor of `model` (on every rank). `options.allow_norm_rounding` accepts a GDN
+        norm whose HF form `g + 1` rounds (a norm trained in bf16 can hold such values)."""
         from codegen.runtime import live
 
         prefix = self._prefix(model, language_model_only=language_model_only)
-        return live.to_hf(self, live.export(self, model, prefix=prefix), prefix=prefix)
+        megatron = live.export(self, model, prefix=prefix)
+        return live.to_hf(self, megatron, prefix=prefix, options=options)
 
     # -- Vision-language models (set by VL bridges) ------------------------------------------------
 

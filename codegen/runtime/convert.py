@@ -257,6 +257,7 @@ def megatron_to_hf(
     progress: Progress = Progress(),
     opener: Opener | None = None,
     fp8_tensors: Sequence[str] = (),
+    options: ConvertOptions = ConvertOptions(),
 ) -> Report:
     """The Megatron safetensors written by `hf_to_megatron` -> HF shards, index and config.
 
@@ -273,7 +274,7 @@ def megatron_to_hf(
                 bridge.groups,
                 reader,
                 staging,
-                lambda g, ts: g.to_hf(ts),
+                lambda g, ts: g.to_hf(ts, options),
                 source_side="megatron",
                 target_side="hf",
                 max_shard_bytes=max_shard_bytes,

@@ -161,7 +161,13 @@ def _gather(tensor: Tensor, name: str) -> list[Tensor]:
     return pieces
 
 
-def to_hf(bridge: BridgeBase, megatron: Mapping[str, Tensor], *, prefix: str) -> dict[str, Tensor]:
+def to_hf(
+    bridge: BridgeBase,
+    megatron: Mapping[str, Tensor],
+    *,
+    prefix: str,
+    options: ConvertOptions = ConvertOptions(),
+) -> dict[str, Tensor]:
     """Convert full Megatron tensors to HF, group by group: every group under `prefix` (all of
     them, for the empty prefix), each of whose tensors `megatron` must hold."""
     out: dict[str, Tensor] = {}
@@ -171,5 +177,5 @@ def to_hf(bridge: BridgeBase, megatron: Mapping[str, Tensor], *, prefix: str) ->
         missing = [name for name in group.megatron if name not in megatron]
         if missing:
             raise ConversionError(f"{missing[0]}: not among the model's tensors")
-        out.update(group.to_hf({name: megatron[name] for name in group.megatron}))
+        out.update(group.to_hf({name: megatron[name] for name in group.megatron}, options))
     return out

@@ -50,7 +50,7 @@ class Group:
     to_megatron: Callable[[Tensors, ConvertOptions], dict[str, Tensor]] = field(
         repr=False, compare=False
     )
-    to_hf: Callable[[Tensors], dict[str, Tensor]] = field(repr=False, compare=False)
+    to_hf: Callable[[Tensors, ConvertOptions], dict[str, Tensor]] = field(repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class Rename(MappingBase):
                 {meg: self.shape},
                 self.tp,
                 lambda ts, _o, meg=meg, hf=hf: {meg: ts[hf]},
-                lambda ts, meg=meg, hf=hf: {hf: ts[meg]},
+                lambda ts, _o, meg=meg, hf=hf: {hf: ts[meg]},
             )
 
 
@@ -125,7 +125,7 @@ class GatedQKV(MappingBase):
             {meg: (rows, self.hidden)},
             COLUMN,  # whole KV groups per rank: each group's rows are contiguous
             lambda ts, _o: {meg: _t().gated_qkv_to_megatron(ts[q], ts[k], ts[v], dims)},
-            lambda ts: dict(zip((q, k, v), _t().gated_qkv_to_hf(ts[meg], dims))),
+            lambda ts, _o: dict(zip((q, k, v), _t().gated_qkv_to_hf(ts[meg], dims))),
         )
 
 
@@ -150,7 +150,7 @@ class GDNInProj(MappingBase):
             {meg: (sum(s), self.hidden)},
             sections(*s),
             lambda ts, _o: {meg: _t().gdn_in_proj_to_megatron(*(ts[n] for n in names))},
-            lambda ts: dict(zip(names, _t().gdn_in_proj_to_hf(ts[meg], dims))),
+            lambda ts, _o: dict(zip(names, _t().gdn_in_proj_to_hf(ts[meg], dims))),
         )
 
 
@@ -171,7 +171,7 @@ class GDNInProjGrouped(MappingBase):
             {meg: (sum(s), self.hidden)},
             sections(*s),
             lambda ts, _o: {meg: _t().gdn_grouped_in_proj_to_megatron(ts[qkvz], ts[ba], dims)},
-            lambda ts: dict(zip((qkvz, ba), _t().gdn_grouped_in_proj_to_hf(ts[meg], dims))),
+            lambda ts, _o: dict(zip((qkvz, ba), _t().gdn_grouped_in_proj_to_hf(ts[meg], dims))),
         )
 
 
@@ -191,7 +191,7 @@ class GDNConv1d(MappingBase):
             {meg: shape},
             sections(*self.dims.conv_sections),
             lambda ts, _o: {meg: ts[hf]},
-            lambda ts: {hf: ts[meg]},
+            lambda ts, _o: {hf: ts[meg]},
         )
 
 
@@ -211,7 +211,9 @@ class GDNOutNorm(MappingBase):
             lambda ts, o: {
                 meg: _t().shift_norm_to_megatron(ts[hf], hf, allow_rounding=o.allow_norm_rounding)
             },
-            lambda ts: {hf: _t().shift_norm_to_hf(ts[meg])},
+            lambda ts, o: {
+                hf: _t().shift_norm_to_hf(ts[meg], meg, allow_rounding=o.allow_norm_rounding)
+            },
         )
 
 
@@ -236,7 +238,7 @@ class GLU(MappingBase):
                 lambda ts, _o, meg=meg, gate=gate, up=up: {
                     meg: _t().glu_to_megatron(ts[gate], ts[up])
                 },
-                lambda ts, meg=meg, gate=gate, up=up: dict(
+                lambda ts, _o, meg=meg, gate=gate, up=up: dict(
                     zip((gate, up), _t().glu_to_hf(ts[meg]))
                 ),
             )
@@ -260,7 +262,7 @@ class PackedExperts(MappingBase):
             {m: tuple(inner) for m in megs},
             self.tp,
             lambda ts, _o: dict(zip(megs, _t().unstack_experts(ts[hf]))),
-            lambda ts: {hf: _t().stack_experts([ts[m] for m in megs])},
+            lambda ts, _o: {hf: _t().stack_experts([ts[m] for m in megs])},
         )
 
 
@@ -279,5 +281,5 @@ class VisionQKV(MappingBase):
             {meg: self.shape},
             COLUMN,  # whole heads per rank
             lambda ts, _o: {meg: _t().vision_qkv_to_megatron(ts[hf], dims)},
-            lambda ts: {hf: _t().vision_qkv_to_hf(ts[meg], dims)},
+            lambda ts, _o: {hf: _t().vision_qkv_to_hf(ts[meg], dims)},
         )

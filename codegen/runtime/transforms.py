@@ -79,19 +79,29 @@ def shift_norm_to_megatron(weight: Tensor, name: str, *, allow_rounding: bool = 
 
     The subtraction must be exact, or exporting back would not give `w`: checked element-wise.
     """
-    shifted = weight - 1
-    if not allow_rounding and not torch.equal(shifted + 1, weight):
-        bad = int((shifted + 1 != weight).sum())
+    return _shifted(weight, -1, name, allow_rounding=allow_rounding, what="w - 1")
+
+
+def shift_norm_to_hf(weight: Tensor, name: str, *, allow_rounding: bool = False) -> Tensor:
+    """Inverse of `shift_norm_to_megatron`: Megatron `g` -> HF `g + 1`, checked the same way (a
+    norm trained in bf16 near 0 can hold values `g + 1` cannot)."""
+    return _shifted(weight, 1, name, allow_rounding=allow_rounding, what="g + 1")
+
+
+def _shifted(weight: Tensor, by: int, name: str, *, allow_rounding: bool, what: str) -> Tensor:
+    if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
         raise ConversionError(
-            f"{name}: w - 1 is not exact in {weight.dtype} for {bad} of {weight.numel()} elements; "
-            "converting would change the weights (accept the rounding explicitly to proceed)"
+            f"{name}: {bad} of {weight.numel()} elements are NaN or infinite; not a usable weight"
+        )
+    shifted = weight + by
+    if not allow_rounding and not torch.equal(shifted - by, weight):
+        bad = int((shifted - by != weight).sum())
+        raise ConversionError(
+            f"{name}: {what} is not exact in {weight.dtype} for {bad} of {weight.numel()} elements; "
+            "converting would change the weights (pass --accept-norm-rounding to accept the rounding)"
         )
     return shifted
-
-
-def shift_norm_to_hf(weight: Tensor) -> Tensor:
-    """Inverse of `shift_norm_to_megatron`."""
-    return weight + 1
 
 
 # -- MLP and experts -------------------------------------------------------------------------------
