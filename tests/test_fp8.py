@@ -138,3 +138,14 @@ def test_fp8_export_needs_an_fp8_source(tmp_path: Path, capsys):
     )
     assert "was not converted from an FP8 checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "back").exists()
+
+
+def test_fp8_export_in_another_expert_layout_is_refused(fp8, tmp_path: Path, capsys):
+    """The recorded FP8 tensors are per-expert names; a packed export would leave them bf16."""
+    tmp, _checkpoint = fp8
+    args = ["--bridge-dir", str(tmp / "bridges"), "--quiet", "--fp8", "--experts", "packed"]
+    destination = tmp_path / "packed"
+    assert main(["convert", "megatron-to-hf", str(tmp / "megatron"), str(destination), *args]) == 2
+    err = capsys.readouterr().err
+    assert "quantised in the FP8 source but not a tensor of this export" in err, err
+    assert not destination.exists()

@@ -266,6 +266,12 @@ def megatron_to_hf(
     """
     stage = None
     if bridge.quantization is not None:
+        elsewhere = sorted(set(fp8_tensors) - set(bridge.hf_shapes))
+        if elsewhere:
+            raise ConversionError(
+                f"{elsewhere[0]}: quantised in the FP8 source but not a tensor of this export; "
+                "re-quantising needs the source's expert layouts (drop --experts/--mtp-experts)"
+            )
         stage = Requantize(set(fp8_tensors), tuple(bridge.quantization["weight_block_size"]))
     with megatron_reader(bridge, Path(source)) as reader:
         check_source(reader, bridge.megatron_shapes, "Megatron")
