@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -282,11 +284,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    terminate = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        # A killed conversion (kill, timeout, a batch scheduler) unwinds like an interrupted one,
+        # so that its staging folder is removed.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         return args.func(args)
     except CodegenError as e:
-        print(f"codegen {args.verb}: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _fail(args.verb, str(e), e.exit_code)
+    except OSError as e:  # the machine's side of a problem: permissions, a full disk, a lost file
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(args.verb, f"{where}{e.strerror or e}", CodegenError.exit_code)
+    except KeyboardInterrupt:
+        return _fail(args.verb, "interrupted", 130)
+    except SystemExit as e:
+        if e.code == 128 + signal.SIGTERM:
+            return _fail(args.verb, "terminated", e.code)
+        raise
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, terminate)
+
+
+def _fail(verb: str, message: str, code: int) -> int:
+    print(f"codegen {verb}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

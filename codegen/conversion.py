@@ -157,7 +157,7 @@ def recorded_spec(src: Path) -> tuple[dict[str, Any], ModelSpec]:
         )
     config_path = src / runtime_convert.HF_CONFIG
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = json.loads(config_path.read_bytes())  # UTF-8, -16 or -32, as sources.py reads it
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConversionError(f"{config_path}: cannot read the HF config ({e})") from None
     choices = LayoutChoices(spec.experts_layout, spec.mtp_experts_layout, spec.hf_prefix)

@@ -58,6 +58,8 @@ def verify(
     from codegen.testing import hf_model_class, use_torch_gdn_kernels
 
     hf_dir, megatron_dir = Path(hf_dir), Path(megatron_dir)
+    if tokens < 1:
+        raise CodegenError(f"--tokens {tokens}: a prompt needs at least one token")
     if not (hf_dir / "config.json").is_file():
         raise CodegenError(f"{hf_dir}: no config.json; not an HF checkpoint folder")
     record, spec = recorded_spec(megatron_dir)
@@ -71,7 +73,7 @@ def verify(
         check_source(reader, bridge.megatron_shapes, "Megatron")
 
     try:
-        config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((hf_dir / "config.json").read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CodegenError(f"{hf_dir / 'config.json'}: not valid JSON ({e})") from None
     if spec.is_vl:

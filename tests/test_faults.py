@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import resource
 import shutil
 import signal
@@ -455,3 +456,71 @@ def test_export_stops_where_the_norm_shift_back_rounds(
     assert f"{name}: g + 1 is not exact" in err and "--accept-norm-rounding" in err, err
     assert not (tmp_path / "hf").exists()
     assert main([*args, "--accept-norm-rounding"]) == 0
+
+
+# -- Destinations and signals ---------------------------------------------------------------------
+
+
+def _convert(source: Path, destination: Path, tmp_path: Path, *extra: str) -> int:
+    args = ["convert", "hf-to-megatron", str(source), str(destination), "--quiet", *extra]
+    return main([*args, "--bridge-dir", str(tmp_path / "bridges")])
+
+
+def test_force_never_replaces_the_source_or_a_folder_holding_it(source, tmp_path, capsys):
+    files = sorted(p.name for p in source.iterdir())
+    for destination in (source, source.parent):
+        assert _convert(source, destination, tmp_path, "--force") == 2
+        assert "is or holds the source" in capsys.readouterr().err
+    assert sorted(p.name for p in source.iterdir()) == files
+
+
+def test_force_replaces_only_a_folder(source, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a checkpoint")
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    for name in ("file", "link"):
+        assert _convert(source, tmp_path / name, tmp_path, "--force") == 2
+        assert "exists and is not a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "not a checkpoint"
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_a_destination_that_cannot_be_made(source, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert _convert(source, tmp_path / "file" / "out", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("codegen convert: error: ") and "cannot create it here" in err, err
+
+
+def test_the_output_folder_follows_the_umask(source, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        assert _convert(source, tmp_path / "out", tmp_path) == 0
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_terminated_conversion_leaves_nothing(source, tmp_path, capsys, monkeypatch):
+    """SIGTERM (kill, timeout, a batch scheduler) arrives while the output is being written."""
+    copy = runtime_convert.copy_hf_files
+
+    def copy_then_terminate(src: Path, staging: Path) -> None:
+        copy(src, staging)
+        assert list(staging.iterdir()), "the staging folder holds output when the signal comes"
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(runtime_convert, "copy_hf_files", copy_then_terminate)
+    assert _convert(source, tmp_path / "out", tmp_path) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip() == "codegen convert: error: terminated"
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handler is put back"
+
+
+def test_a_config_with_a_byte_order_mark_converts_both_ways(source, tmp_path):
+    config = (source / "config.json").read_text()
+    (source / "config.json").write_bytes(config.encode("utf-8-sig"))
+    assert _convert(source, tmp_path / "m", tmp_path) == 0
+    args = ["convert", "megatron-to-hf", str(tmp_path / "m"), str(tmp_path / "back"), "--quiet"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "back" / "config.json").read_bytes()) == json.loads(config)

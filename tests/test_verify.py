@@ -107,3 +107,16 @@ def test_verify_bad_inputs_exit_2_with_one_line(
     assert error.startswith("codegen verify: error: ") and message in error
     assert all(line.startswith("bridge: ") for line in before), before  # which bridge, at most
     assert captured.out == ""
+
+
+@pytest.mark.parametrize("tokens", ["0", "-5"])
+def test_verify_needs_a_prompt(converted: Converted, capsys, tokens: str) -> None:
+    args = [
+        "verify",
+        str(converted.checkpoint.path),
+        str(converted.safetensors),
+        "--tokens",
+        tokens,
+    ]
+    assert main(args) == 2
+    assert f"--tokens {tokens}: a prompt needs at least one token" in capsys.readouterr().err

@@ -224,7 +224,7 @@ def hf_to_megatron(
             )
             record["fp8_tensors"] = sorted(reader.quantized)
         check_source(reader, bridge.hf_shapes, "HF")
-        with staged_directory(destination, force=force) as staging:
+        with staged_directory(destination, force=force, source=Path(source)) as staging:
             if output_format == "torch_dist":
                 report = _write_torch_dist(bridge, reader, staging, options, progress)
             else:
@@ -275,7 +275,7 @@ def megatron_to_hf(
         stage = Requantize(set(fp8_tensors), tuple(bridge.quantization["weight_block_size"]))
     with megatron_reader(bridge, Path(source)) as reader:
         check_source(reader, bridge.megatron_shapes, "Megatron")
-        with staged_directory(destination, force=force) as staging:
+        with staged_directory(destination, force=force, source=Path(source)) as staging:
             report = convert_directory(
                 bridge.groups,
                 reader,
@@ -370,7 +370,7 @@ def copy_hf_files(source: Path, staging: Path) -> None:
 
 def restore_hf_files(source: Path, staging: Path, *, quantized: bool) -> None:
     """The HF config back beside the HF tensors; without `quantization_config` unless quantized."""
-    config = json.loads((source / HF_CONFIG).read_text(encoding="utf-8"))
+    config = json.loads((source / HF_CONFIG).read_bytes())  # as sources.py read it: any UTF
     if "quantization_config" in config and not quantized:
         del config["quantization_config"]
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
