@@ -159,7 +159,7 @@ def _read_config(path: Path) -> tuple[dict[str, Any], str]:
     data = path.read_bytes()
     try:
         config = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise SourceError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise SourceError(f"{path}: expected a JSON object, found {type(config).__name__}")
@@ -189,7 +189,7 @@ def _read_index(path: Path) -> tuple[dict[str, str], str]:
     data = path.read_bytes()
     try:
         weight_map = json.loads(data)["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
         raise SourceError(f"{path}: not a safetensors index with a weight_map ({e!r})") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise SourceError(f"{path}: weight_map must map tensor names to shard file names")

@@ -336,3 +336,9 @@ def test_text_only_prefix_comes_from_the_index(tmp_path: Path, capsys) -> None:
     spec = inspect_json(write_model(tmp_path, text, weight_map), capsys)
     assert spec["architecture"] == "Qwen3_5ForCausalLM" and spec["vision"] is None
     assert spec["hf_prefix"] == "model.language_model."
+
+
+def test_a_config_nested_past_the_parsers_depth(tmp_path, capsys) -> None:
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "config.json: not valid JSON" in capsys.readouterr().err

@@ -149,3 +149,15 @@ def test_fp8_export_in_another_expert_layout_is_refused(fp8, tmp_path: Path, cap
     err = capsys.readouterr().err
     assert "quantised in the FP8 source but not a tensor of this export" in err, err
     assert not destination.exists()
+
+
+def test_dequantizing_to_float32_names_the_mixed_group_and_the_fix(fp8, tmp_path: Path, capsys):
+    """Qwen3-Next converts the FP8 in_proj_qkvz together with the bf16 in_proj_ba."""
+    _tmp, checkpoint = fp8
+    destination = tmp_path / "m"
+    args = ["convert", "hf-to-megatron", str(checkpoint.path), str(destination), "--quiet"]
+    assert main([*args, "--dequantize-to", "float32", "--bridge-dir", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "in_proj_qkvz.weight is dequantised to torch.float32" in err, err
+    assert "pass --dequantize-to bfloat16" in err
+    assert not destination.exists()

@@ -109,7 +109,16 @@ def group_dtype(reader: CheckpointReader, names: Sequence[str]) -> torch.dtype:
     dtypes = {reader.dtype(n) for n in names}
     if len(dtypes) > 1:
         detail = ", ".join(f"{n} {reader.dtype(n)}" for n in names)
-        raise ConversionError(f"tensors converted together have different dtypes: {detail}")
+        dequantized = [n for n in names if n in getattr(reader, "quantized", ())]
+        hint = ""
+        if dequantized:
+            stored = {reader.dtype(n) for n in names if n not in dequantized}
+            hint = (
+                f"; {dequantized[0]} is dequantised to {reader.dtype(dequantized[0])} but is "
+                f"converted together with tensors stored as {', '.join(map(str, stored))}: pass "
+                f"--dequantize-to {str(next(iter(stored))).removeprefix('torch.')}"
+            )
+        raise ConversionError(f"tensors converted together have different dtypes: {detail}{hint}")
     return dtypes.pop()
 
 
@@ -266,7 +275,11 @@ def megatron_to_hf(
     """
     stage = None
     if bridge.quantization is not None:
-        elsewhere = sorted(set(fp8_tensors) - set(bridge.hf_shapes))
+        elsewhere = sorted(
+            name
+            for name in fp8_tensors
+            if name not in bridge.hf_shapes or len(bridge.hf_shapes[name]) < 2
+        )
         if elsewhere:
             raise ConversionError(
                 f"{elsewhere[0]}: quantised in the FP8 source but not a tensor of this export; "
