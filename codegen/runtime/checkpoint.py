@@ -151,7 +151,7 @@ class CheckpointReader:
             if not (self.directory / file).is_file():
                 example = next(k for k, v in weight_map.items() if v == file)
                 raise ConversionError(
-                    f"{self.directory / file}: shard named by the index (for {example}) does not exist"
+                    f"{self.directory / file}: shard named by the index (for {example}) does not exist or is not a file"
                 )
         for file in files:
             path = self.directory / file

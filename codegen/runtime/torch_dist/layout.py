@@ -206,10 +206,13 @@ def layout(bridge: BridgeBase) -> Layout:
         return Layout.from_json(path.read_text())
     with training_advice_silenced():
         computed = compute_layout(bridge)
-    path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(f".{os.getpid()}.tmp")
-    staging.write_text(computed.to_json())
-    os.replace(staging, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging.write_text(computed.to_json())
+        os.replace(staging, path)
+    except OSError:  # a cache that cannot be written only costs the next run this derivation
+        staging.unlink(missing_ok=True)
     return computed
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from codegen.errors import ConversionError
+
 from codegen.runtime.bridge import BridgeBase
 from codegen.runtime.mappings import Group
 from codegen.runtime.torch_dist.layout import Layout, Piece, by_key, check_coverage, layout
@@ -92,23 +94,32 @@ def write(
     keys = by_key(plan.pieces)
     records: list[_Record] = []
     written = 0
-    with without_zip_crc32(), (Path(destination) / DATA_FILE).open("wb") as stream:
-        for key, payload in plan.objects.items():
-            records.append(_Record(key, None, None, stream.tell(), len(payload)))
-            stream.write(payload)
-        for key, pieces in keys.items():
-            for index, piece in enumerate(pieces):
-                chunk = chunk_of(piece, cache.tensor(piece.param)).contiguous()
-                if chunk.untyped_storage().nbytes() != chunk.numel() * chunk.element_size():
-                    chunk = _own_storage(
-                        chunk
-                    )  # torch.save writes whole storages: only the chunk's
-                start = stream.tell()
-                torch.save(chunk, stream)
-                records.append(_Record(key, piece.offset, index, start, stream.tell() - start))
-                written += chunk.numel() * chunk.element_size()
-                if on_chunk:
-                    on_chunk(chunk.numel() * chunk.element_size())
+    data_file = Path(destination) / DATA_FILE
+    try:
+        with without_zip_crc32(), data_file.open("wb") as stream:
+            for key, payload in plan.objects.items():
+                records.append(_Record(key, None, None, stream.tell(), len(payload)))
+                stream.write(payload)
+            for key, pieces in keys.items():
+                for index, piece in enumerate(pieces):
+                    chunk = chunk_of(piece, cache.tensor(piece.param)).contiguous()
+                    # torch.save writes whole storages: give the chunk one of its own size
+                    if chunk.untyped_storage().nbytes() != chunk.numel() * chunk.element_size():
+                        chunk = _own_storage(chunk)
+                    start = stream.tell()
+                    try:
+                        torch.save(chunk, stream)
+                    except RuntimeError:  # how torch's zip writer reports a short write
+                        raise ConversionError(
+                            f"{key}: cannot write it to {data_file} (the write stopped short: "
+                            "a full disk or a file size limit)"
+                        ) from None
+                    records.append(_Record(key, piece.offset, index, start, stream.tell() - start))
+                    written += chunk.numel() * chunk.element_size()
+                    if on_chunk:
+                        on_chunk(chunk.numel() * chunk.element_size())
+    except OSError as e:  # a full disk, a size limit
+        raise ConversionError(f"{data_file}: cannot write it ({e.strerror or e})") from None
     metadata = _metadata(dcp.module(), plan, keys, records, dtype_of, str(destination))
     staging = Path(destination) / ".metadata.tmp"
     with staging.open("wb") as f:
