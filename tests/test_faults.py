@@ -62,22 +62,16 @@ def rewrite_shard(path: Path, edit) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
+def _convert(source: Path, destination: Path, tmp_path: Path, *extra: str) -> int:
+    args = ["convert", "hf-to-megatron", str(source), str(destination), "--quiet", *extra]
+    return main([*args, "--bridge-dir", str(tmp_path / "bridges")])
+
+
 def convert_fails(
     source: Path, tmp_path: Path, capsys, *fragments: str, args: tuple[str, ...] = ()
 ) -> None:
     destination = tmp_path / "out"
-    code = main(
-        [
-            "convert",
-            "hf-to-megatron",
-            str(source),
-            str(destination),
-            "--bridge-dir",
-            str(tmp_path / "bridges"),
-            "--quiet",
-            *args,
-        ]
-    )
+    code = _convert(source, destination, tmp_path, *args)
     err = capsys.readouterr().err
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1, err
@@ -171,58 +165,17 @@ def test_inexact_norm_shift_stops_unless_accepted(source, tmp_path, capsys):
         shard_of(source, NORM), lambda ts: ts.update({NORM: torch.full_like(ts[NORM], 3e-8)})
     )
     convert_fails(source, tmp_path, capsys, NORM, "not exact")
-    assert (
-        main(
-            [
-                "convert",
-                "hf-to-megatron",
-                str(source),
-                str(tmp_path / "out"),
-                "--bridge-dir",
-                str(tmp_path / "bridges"),
-                "--quiet",
-                "--accept-norm-rounding",
-            ]
-        )
-        == 0
-    )
+    assert _convert(source, tmp_path / "out", tmp_path, "--accept-norm-rounding") == 0
 
 
 def test_existing_destination_needs_force(source, tmp_path, capsys):
     destination = tmp_path / "out"
     destination.mkdir()
     (destination / "keep.txt").write_text("mine")
-    assert (
-        main(
-            [
-                "convert",
-                "hf-to-megatron",
-                str(source),
-                str(destination),
-                "--bridge-dir",
-                str(tmp_path / "bridges"),
-                "--quiet",
-            ]
-        )
-        == 2
-    )
+    assert _convert(source, destination, tmp_path) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
     assert (destination / "keep.txt").read_text() == "mine"
-    assert (
-        main(
-            [
-                "convert",
-                "hf-to-megatron",
-                str(source),
-                str(destination),
-                "--bridge-dir",
-                str(tmp_path / "bridges"),
-                "--quiet",
-                "--force",
-            ]
-        )
-        == 0
-    )
+    assert _convert(source, destination, tmp_path, "--force") == 0
     assert not (destination / "keep.txt").exists() and (destination / INDEX).is_file()
 
 
@@ -347,8 +300,8 @@ def test_shards_in_a_subfolder_are_read_from_there(source, tmp_path, capsys):
         save_file(decoy[shard], source / shard, metadata={"format": "pt"})
     index["weight_map"] = {k: f"sub/{v}" for k, v in index["weight_map"].items()}
     (source / INDEX).write_text(json.dumps(index))
+    assert _convert(source, tmp_path / "m", tmp_path) == 0
     common = ["--bridge-dir", str(tmp_path / "bridges"), "--quiet"]
-    assert main(["convert", "hf-to-megatron", str(source), str(tmp_path / "m"), *common]) == 0
     assert (
         main(["convert", "megatron-to-hf", str(tmp_path / "m"), str(tmp_path / "back"), *common])
         == 0
@@ -466,11 +419,6 @@ def test_export_stops_where_the_norm_shift_back_rounds(
 
 
 # -- Destinations and signals ---------------------------------------------------------------------
-
-
-def _convert(source: Path, destination: Path, tmp_path: Path, *extra: str) -> int:
-    args = ["convert", "hf-to-megatron", str(source), str(destination), "--quiet", *extra]
-    return main([*args, "--bridge-dir", str(tmp_path / "bridges")])
 
 
 def test_force_never_replaces_the_source_or_a_folder_holding_it(source, tmp_path, capsys):
