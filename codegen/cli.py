@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     terminate = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is threading.main_thread():
+    main_thread = threading.current_thread() is threading.main_thread()  # signals go only there
+    if main_thread:
         # A killed conversion (kill, timeout, a batch scheduler) unwinds like an interrupted one,
         # so that its staging folder is removed.
         signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -303,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(args.verb, "terminated", e.code)
         raise
     finally:
-        if threading.current_thread() is threading.main_thread():
+        if main_thread:
             signal.signal(signal.SIGTERM, terminate)
 
 
