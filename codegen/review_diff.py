@@ -69,16 +69,17 @@ def _module(label: str, text: str, stem: str) -> Side:
 def _at_revision(rev: str, path: str) -> Side:
     """The module as committed at `rev`, with the spec `rev` itself infers for it, where it can."""
     old = revision.read(rev, path, generator.REPO_ROOT, lambda text: _regenerate(text, path))
-    side = _module(old.label, old.text, Path(path).stem)
     if old.spec is None or old.provenance is None:
-        return side  # the spec lines then say that the source no longer gives its spec
+        # today's source then stands in, and the spec lines say it no longer gives its spec
+        return _module(old.label, old.text, Path(path).stem)
     try:
         spec = ModelSpec.from_dict(old.spec)
     except (KeyError, TypeError) as e:  # a revision with another spec schema
         raise CodegenError(
             f"{old.label}: its revision describes the spec differently ({e})"
         ) from None
-    return Side(old.label, old.text, side.manifest, spec, old.provenance, side.spec_sha256)
+    table = manifest.parse(manifest.of_module(old.text, Path(path).stem), old.label)
+    return Side(old.label, old.text, table, spec, old.provenance, table["spec_sha256"])
 
 
 def _regenerate(text: str, label: str) -> str:
