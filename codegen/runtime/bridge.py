@@ -147,8 +147,8 @@ class BridgeBase:
         norm whose HF form `g + 1` rounds (a norm trained in bf16 can hold such values)."""
         from codegen.runtime import live
 
+        megatron = self.export_megatron(model, language_model_only=language_model_only)
         prefix = self._prefix(model, language_model_only=language_model_only)
-        megatron = live.export(self, model, prefix=prefix)
         return live.to_hf(self, megatron, prefix=prefix, options=options)
 
     # -- Vision-language models (set by VL bridges) ------------------------------------------------
