@@ -50,11 +50,12 @@ class Measurement:
 
 
 def synthetic_config(model_id: str, size_bytes: int) -> dict:
-    from codegen import catalog
-    from codegen.testing import text_only_config
-
     """The catalog config, text-only, with LAYERS layers, a smaller vocabulary, and as many
     experts (a multiple of 8) as fit `size_bytes` in bf16."""
+    sys.path.insert(0, str(REPO))  # the test factory (tests.support) is not installed
+    from qwen35_codegen import catalog
+    from tests.support import text_only_config
+
     config = text_only_config(copy.deepcopy(catalog.entry(model_id).config))
     config["num_hidden_layers"] = LAYERS
     if config.get("layer_types"):
@@ -72,9 +73,9 @@ def synthetic_config(model_id: str, size_bytes: int) -> dict:
 
 
 def _bridge(config: dict):
-    from codegen.bridges import bridge_for
-    from codegen.render import Origin
-    from codegen.spec import LayoutChoices, infer_spec
+    from qwen35_codegen.registry.lookup import bridge_for
+    from qwen35_codegen.rendering.bridge_module import Origin
+    from qwen35_codegen.spec import LayoutChoices, infer_spec
 
     spec = infer_spec(config, choices=LayoutChoices(experts="packed", mtp_experts="packed"))
     origin = Origin("benchmark", "synthetic", "n/a", None, "benchmarks/convert.py")
@@ -92,7 +93,7 @@ def write_synthetic(config: dict, folder: Path) -> int:
     """Random bf16 tensors in the HF layout (GDN norm weights in [0.5, 2], as real ones)."""
     import torch
 
-    from codegen.runtime.safetensors_stream import (
+    from qwen35_bridge.formats.safetensors.writer import (
         Planned,
         StreamingWriter,
         plan_shards,
@@ -122,7 +123,9 @@ def write_synthetic(config: dict, folder: Path) -> int:
     return writer.bytes_written
 
 
-WARM_IMPORTS = "import torch, safetensors.torch, torch.distributed.checkpoint, codegen.conversion"
+WARM_IMPORTS = (
+    "import torch, safetensors.torch, torch.distributed.checkpoint, qwen35_codegen.cli.convert"
+)
 
 
 def settle(env: dict[str, str]) -> None:

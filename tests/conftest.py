@@ -1,4 +1,4 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the `slow` mark on every CPU end-to-end proof (`tests/e2e`)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,21 @@ from typing import Any
 
 import pytest
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "codegen" / "catalog"
+import qwen35_codegen.catalog
+
+CONFIG_DIR = Path(qwen35_codegen.catalog.__file__).resolve().parent
+E2E_DIR = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if E2E_DIR in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
 def config_dir() -> Path:
-    """The real configs bundled with the catalog (provenance in codegen/catalog/catalog.json)."""
+    """The real configs bundled with the catalog (provenance in qwen35_codegen/catalog/catalog.json)."""
     return CONFIG_DIR
 
 

@@ -1,0 +1,151 @@
+"""BridgeBase: what every generated bridge is. The generated module supplies literal data (the
+mapping table, the megatron-core config, GPTModel's arguments); this class supplies behaviour: it
+builds the model, loads a checkpoint into it, and exports it, one group of tensors at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from qwen35_bridge.errors import ConversionError
+from qwen35_bridge.mapping.kinds import ConvertOptions
+from qwen35_bridge.mapping.table import MappingTable
+
+if TYPE_CHECKING:
+    import torch
+
+
+class BridgeBase(MappingTable):
+    """Conversion between one model's HF checkpoint and megatron-core, driven by its mapping table."""
+
+    hf_architecture: ClassVar[str]
+    spec_sha256: ClassVar[str]
+    gpt_model_args: ClassVar[dict[str, Any]]
+    quantization: ClassVar[dict[str, Any] | None]
+
+    def transformer_config(self, **overrides: Any) -> Any:
+        raise NotImplementedError
+
+    # -- Live megatron-core models -----------------------------------------------------------------
+
+    def build_model(self, *, params_dtype: torch.dtype | None = None, **overrides: Any) -> Any:
+        """This rank's megatron-core model. Initialise parallel state first
+        (`qwen35_bridge.megatron.parallel.init_parallel`, whose return value belongs in
+        `overrides`). Without Transformer Engine, the CPU backend and its settings are used."""
+        import torch
+
+        from qwen35_bridge.megatron.gpt import build_gpt_model, cpu_config_overrides
+        from qwen35_bridge.megatron.shims import transformer_engine_available
+
+        params_dtype = params_dtype or torch.float32
+        settings = {} if transformer_engine_available() else cpu_config_overrides()
+        settings |= {
+            "params_dtype": params_dtype,
+            "pipeline_dtype": params_dtype,
+            "bf16": params_dtype == torch.bfloat16,
+        } | overrides
+        return build_gpt_model(self.transformer_config(**settings), **self.gpt_model_args)
+
+    def prefix_for(self, model: Any, *, language_model_only: bool = False) -> str:
+        """The part of the bridge's names `model` holds: all of them, or, for the language model of
+        a VL bridge built alone, the `language_model.` part, which the caller must ask for, so that
+        a vision tower is never left out unnoticed."""
+        if hasattr(model, "vision_model"):
+            return ""
+        if self.is_vl and not language_model_only:
+            raise ConversionError(
+                f"{self.model_id} is a vision-language model but this model has no vision tower: "
+                "build it with build_vl_model(), or pass language_model_only=True to leave the "
+                "vision tower's tensors out"
+            )
+        return self.megatron_prefix
+
+    def load_hf(
+        self,
+        model: Any,
+        hf_dir: str | Path,
+        *,
+        options: ConvertOptions = ConvertOptions(),
+        language_model_only: bool = False,
+    ) -> None:
+        """Load an HF checkpoint folder into `model` (this rank's shard of it). The checkpoint must
+        hold exactly the bridge's tensors, with the bridge's shapes."""
+        from qwen35_bridge.formats.safetensors.reader import CheckpointReader
+        from qwen35_bridge.megatron import live
+        from qwen35_bridge.offline import check_source
+
+        prefix = self.prefix_for(model, language_model_only=language_model_only)
+        with CheckpointReader(Path(hf_dir)) as reader:
+            check_source(reader, self.hf_shapes, "HF")
+            live.load(self, model, reader.get, prefix=prefix, options=options)
+
+    def load_megatron(
+        self, model: Any, megatron_dir: str | Path, *, language_model_only: bool = False
+    ) -> None:
+        """Load a Megatron checkpoint written by `codegen convert hf-to-megatron` (either format)
+        into `model`."""
+        from qwen35_bridge.megatron import live
+        from qwen35_bridge.offline import check_source, megatron_reader
+
+        prefix = self.prefix_for(model, language_model_only=language_model_only)
+        with megatron_reader(self, Path(megatron_dir)) as reader:
+            check_source(reader, self.megatron_shapes, "Megatron")
+            live.load_megatron(self, model, reader.get, prefix=prefix)
+
+    def export_megatron(
+        self, model: Any, *, language_model_only: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Every tensor of `model`, unsharded, under the bridge's Megatron names (on every rank)."""
+        from qwen35_bridge.megatron import live
+
+        prefix = self.prefix_for(model, language_model_only=language_model_only)
+        return live.export(self, model, prefix=prefix)
+
+    def export_hf(
+        self,
+        model: Any,
+        *,
+        options: ConvertOptions = ConvertOptions(),
+        language_model_only: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Every HF tensor of `model` (on every rank). `options.allow_norm_rounding` accepts a GDN
+        norm whose HF form `g + 1` rounds (a norm trained in bf16 can hold such values)."""
+        from qwen35_bridge.megatron import live
+
+        megatron = self.export_megatron(model, language_model_only=language_model_only)
+        prefix = self.prefix_for(model, language_model_only=language_model_only)
+        return live.to_hf(self, megatron, prefix=prefix, options=options)
+
+    # -- Vision-language models (set by VL bridges) ------------------------------------------------
+
+    vision_model_args: ClassVar[dict[str, Any] | None] = None
+    mrope_section: ClassVar[tuple[int, ...] | None] = None
+
+    def vision_transformer_config(self, **overrides: Any) -> Any:
+        """megatron-core's TransformerConfig of the vision layers (VL bridges define it)."""
+        raise NotImplementedError(f"{self.model_id} has no vision tower")
+
+    def build_vl_model(self, *, params_dtype: torch.dtype | None = None, **overrides: Any) -> Any:
+        """This rank's megatron-core VL model (`qwen35_bridge.megatron.vl.multimodal.VLModel`):
+        the vision tower as `vision_model`, and as `language_model` what `build_model` builds, fed
+        with the vision tokens and interleaved mRoPE. Arguments as for `build_model`."""
+        from qwen35_bridge.megatron.vl.multimodal import assemble, vision_settings
+
+        if self.vision_model_args is None or self.mrope_section is None:
+            raise ValueError(f"{self.model_id} is a text-only model: use build_model")
+        language_model = self.build_model(params_dtype=params_dtype, **overrides)
+        vision_config = self.vision_transformer_config(**vision_settings(language_model.config))
+        return assemble(
+            language_model,
+            vision_config,
+            self.vision_model_args,
+            mrope_section=self.mrope_section,
+            rotary_percent=self.gpt_model_args["rotary_percent"],
+            rotary_base=self.gpt_model_args["rotary_base"],
+        )
+
+    def build(self, **kwargs: Any) -> Any:
+        """The whole model the bridge's table maps: `build_vl_model` for a VL bridge, else
+        `build_model`."""
+        return self.build_vl_model(**kwargs) if self.is_vl else self.build_model(**kwargs)

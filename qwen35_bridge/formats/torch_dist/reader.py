@@ -1,0 +1,455 @@
+"""Reading a torch_dist checkpoint back, one Megatron tensor at a time, without importing DCP.
+
+`.metadata` is read with stand-in classes, and each chunk's storage is found in its `torch.save`
+record and read into place; DCP's own reader serves any record this one does not understand.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import mmap
+import os
+import pickle
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.storage import _get_dtype_from_pickle_storage_type
+
+from qwen35_bridge.errors import ConversionError
+from qwen35_bridge.formats.torch_dist.layout import Piece, check_coverage, layout
+
+if TYPE_CHECKING:
+    from qwen35_bridge.bridge import BridgeBase
+
+KEY_CACHE = 1  # checkpoint keys kept when reading (beyond those the current parameter needs)
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """What a checkpoint's Metadata says of one tensor key, and where its chunks are."""
+
+    dtype: torch.dtype
+    size: tuple[int, ...]
+    chunks: dict[tuple[int, ...], tuple[tuple[int, ...], Any]]  # offsets -> (sizes, storage info)
+
+
+class _Stub:
+    """Stands in for a DCP metadata class, so that .metadata is read without importing DCP."""
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.state = state
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    _stubs: dict[str, type] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("torch.distributed.checkpoint."):
+            return self._stubs.setdefault(f"{module}.{name}", type(name, (_Stub,), {}))
+        return super().find_class(module, name)
+
+
+def _read_metadata(directory: Path) -> dict[str, _Stored]:
+    """The tensor keys of a DCP checkpoint, from its .metadata, read with stand-in classes."""
+    with (Path(directory) / ".metadata").open("rb") as f:
+        metadata = _MetadataUnpickler(f).load()
+    locations = {
+        (i.fqn, tuple(i.offset)): info
+        for i, info in metadata.storage_data.items()
+        if getattr(i, "offset", None) is not None
+    }
+    stored = {}
+    for key, entry in metadata.state_dict_metadata.items():
+        if type(entry).__name__ != "TensorStorageMetadata":
+            continue
+        props = entry.properties
+        dtype = props.state[0] if hasattr(props, "state") else props.dtype
+        chunks = {
+            tuple(c.offsets): (tuple(c.sizes), locations.get((key, tuple(c.offsets))))
+            for c in entry.chunks
+        }
+        stored[key] = _Stored(dtype, tuple(entry.size), chunks)
+    return stored
+
+
+def _read_into(fd: int, tensor: torch.Tensor, offset: int) -> None:
+    view, done = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if count == 0:
+            raise ConversionError(
+                f"unexpected end of a torch_dist data file at byte {offset + done}"
+            )
+        done += count
+
+
+_LOCAL_HEADER = b"PK\x03\x04"
+_RECORD_HEAD = 64 * 1024  # a record's pickle and small entries come before its storage
+
+
+def _storage_start(fd: int, offset: int, length: int) -> tuple[int, torch.dtype, int] | None:
+    """Where the one storage of a `torch.save` record starts in the file, with its dtype and
+    number of elements as the record's pickle gives them: its zip entry `<archive>/data/0` is found
+    by its local header among the record's first bytes, and must be stored uncompressed, in
+    little-endian byte order, with no second storage. None otherwise."""
+    head = os.pread(fd, min(length, _RECORD_HEAD), offset)
+    start, storages, little, storage = None, 0, False, None
+    position = head.find(_LOCAL_HEADER)
+    while 0 <= position and position + 30 <= len(head):
+        method = struct.unpack("<H", head[position + 8 : position + 10])[0]
+        name_length, extra_length = struct.unpack("<HH", head[position + 26 : position + 30])
+        name = head[position + 30 : position + 30 + name_length]
+        data = position + 30 + name_length + extra_length
+        if name.endswith(b"/data.pkl") and method == 0:
+            storage = _pickled_storage(head[data:])
+        if b"/data/" in name:
+            storages += 1
+            if method != 0:
+                return None
+            start = offset + data
+            break  # the storage's bytes follow: nothing after it is read
+        if name.endswith(b"/byteorder"):
+            little = head[data : data + 6] == b"little"
+        position = head.find(_LOCAL_HEADER, data)
+    if start is None or storages != 1 or not little or storage is None:
+        return None
+    return start, *storage
+
+
+class _StoragePeek(pickle.Unpickler):
+    """Reads a record's pickle only for its storage's (type, numel); builds nothing else."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self.storages: list[tuple[str, int]] = []
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name.endswith("Storage"):
+            return name
+        return lambda *args, **kwargs: None
+
+    def persistent_load(self, pid: Any) -> None:
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            self.storages.append((pid[1], pid[4]))
+
+
+def _pickled_storage(data: bytes) -> tuple[torch.dtype, int] | None:
+    peek = _StoragePeek(data)
+    try:
+        peek.load()
+        (type_name, numel), *more = peek.storages
+        dtype = _get_dtype_from_pickle_storage_type(type_name)  # e.g. FloatStorage: float32
+    except Exception:  # noqa: BLE001 - anything unexpected leaves the record to DCP's reader
+        return None
+    return None if more else (dtype, numel)
+
+
+def _check_chunks(key: str, stored: _Stored, directory: Path) -> None:
+    """The key's chunks tile its tensor exactly (inside it, not overlapping, covering it), each
+    with data in the checkpoint: nothing is left as whatever memory held before."""
+    total = 0
+    boxes = []
+    for offsets, (sizes, info) in stored.chunks.items():
+        if len(offsets) != len(stored.size) or len(sizes) != len(stored.size):
+            raise ConversionError(f"{key}: a chunk of the wrong rank in {directory}/.metadata")
+        if any(o < 0 or n < 0 or o + n > d for o, n, d in zip(offsets, sizes, stored.size)):
+            raise ConversionError(
+                f"{key}: chunk at {list(offsets)} of size {list(sizes)} lies outside its tensor "
+                f"{list(stored.size)} in {directory}/.metadata"
+            )
+        if info is None:
+            raise ConversionError(
+                f"{key}: chunk at {list(offsets)} has no data in the torch_dist checkpoint at {directory}"
+            )
+        for other_offsets, other_sizes in boxes:
+            if all(
+                a < b + m and b < a + n
+                for a, n, b, m in zip(offsets, sizes, other_offsets, other_sizes)
+            ):
+                raise ConversionError(
+                    f"{key}: chunks at {list(other_offsets)} and {list(offsets)} overlap in {directory}/.metadata"
+                )
+        boxes.append((offsets, sizes))
+        total += math.prod(sizes)
+    if total != math.prod(stored.size):
+        raise ConversionError(
+            f"{key}: its chunks hold {total} of its {math.prod(stored.size)} values in {directory}/.metadata"
+        )
+
+
+def _users(storage: torch.UntypedStorage) -> int:
+    """How many tensors (and this handle) share `storage`: PyTorch's own count, which a view, a
+    reshape or a numpy array of any of them holds too."""
+    return torch._C._storage_Use_Count(storage._cdata)
+
+
+class _Buffers:
+    """Memory that keys read from several chunks are read into, used again once no tensor uses it.
+
+    Fresh memory costs a page fault per 4 KiB page when first written; measured here, reading into
+    new memory took 6x as long as reading into memory touched before, and it made reading a
+    torch_dist checkpoint the slowest conversion. A buffer is handed out again only when PyTorch
+    counts no tensor on it, so nothing still holding an earlier key can see it overwritten.
+    """
+
+    def __init__(self) -> None:
+        self._storages: list[torch.UntypedStorage] = []
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        free = [s for s in self._storages if _users(s) == 1]
+        fitting = [s for s in free if s.nbytes() >= nbytes]
+        if fitting:
+            storage = min(fitting, key=lambda s: s.nbytes())
+        else:  # a new buffer; free ones too small for this key go, so that memory stays bounded
+            self._storages = [s for s in self._storages if all(s is not f for f in free)]
+            storage = torch.UntypedStorage(nbytes)
+            self._storages.append(storage)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+    def clear(self) -> None:
+        self._storages.clear()
+
+
+class _Records:
+    """Chunks read straight from DCP's data files: each chunk is a `torch.save` record (a zip)
+    whose one storage is stored uncompressed, so it can be mapped rather than deserialised and
+    copied. Anything else about a record (transforms, several storages, another byte order,
+    another size) leaves the key to DCP's own reader."""
+
+    def __init__(self, directory: Path, stored: dict[str, _Stored]) -> None:
+        self._directory = directory
+        self._stored = stored
+        self._fds: dict[str, int] = {}
+        self._buffers = _Buffers()
+
+    def _fd(self, relative: str) -> int:
+        if relative not in self._fds:
+            try:
+                self._fds[relative] = os.open(self._directory / relative, os.O_RDONLY)
+            except OSError as e:
+                raise ConversionError(
+                    f"{self._directory / relative}: cannot open this torch_dist data file ({e.strerror})"
+                ) from None
+        return self._fds[relative]
+
+    def tensor(self, key: str) -> torch.Tensor | None:
+        """The key's whole tensor: mapped when it is one chunk; else its chunks read into place."""
+        stored = self._stored[key]
+        places = {}
+        for offsets, (sizes, info) in stored.chunks.items():
+            start = self._start(key, info, stored.dtype, sizes)
+            if start is None:
+                return None
+            places[offsets] = (sizes, info, start)
+        if len(places) == 1 and next(iter(places.values()))[0] == stored.size:
+            _sizes, info, start = next(iter(places.values()))
+            return self._map(info.relative_path, start, stored.dtype, stored.size)
+        full = self._buffers.empty(stored.size, stored.dtype)
+        for offsets, (sizes, info, start) in places.items():
+            region = full[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))]
+            if region.is_contiguous():  # one read straight into place, no mapping and copy
+                _read_into(self._fd(info.relative_path), region, start)
+            else:
+                region.copy_(self._map(info.relative_path, start, stored.dtype, sizes))
+        return full
+
+    def _start(self, key: str, info: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> int | None:
+        """Where the chunk's data starts, if this reader can read the record (else None). A record
+        whose storage is not of the dtype .metadata names, or too small for the chunk, is an error:
+        its bytes would be read as other values."""
+        if info is None or getattr(info, "transform_descriptors", None):
+            return None
+        found = _storage_start(self._fd(info.relative_path), info.offset, info.length)
+        if found is None:
+            return None
+        start, stored_dtype, numel = found
+        if stored_dtype != dtype or numel < math.prod(shape):
+            raise ConversionError(
+                f"{key}: .metadata says a chunk of {list(shape)} {dtype}, but its record in "
+                f"{info.relative_path} holds {numel} {stored_dtype}; .metadata and the data disagree"
+            )
+        if start + math.prod(shape) * dtype.itemsize > info.offset + info.length:
+            raise ConversionError(f"{key}: its record in {info.relative_path} ends before its data")
+        return start
+
+    def _map(
+        self, relative: str, start: int, dtype: torch.dtype, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        count = math.prod(shape)
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        try:
+            mapped = mmap.mmap(
+                self._fd(relative),
+                start + count * dtype.itemsize - aligned,
+                offset=aligned,
+                access=mmap.ACCESS_COPY,
+            )
+        except ValueError:  # the mapping would reach past the end of the file
+            raise ConversionError(
+                f"{self._directory / relative}: truncated; a record's data reaches past its end"
+            ) from None
+        # DCP puts records anywhere in its files, so the data may not be aligned to its dtype.
+        return torch.frombuffer(mapped, dtype=dtype, offset=start - aligned, count=count).reshape(
+            shape
+        )
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._buffers.clear()
+
+
+def _region(piece: Piece) -> tuple[slice, ...]:
+    return tuple(slice(o, o + n) for o, n in zip(piece.offset, piece.chunk_shape))
+
+
+def _tiling_region(pieces: list[Piece]) -> tuple[slice, ...] | None:
+    """The region of their key that `pieces` tile, one after another along one axis and in the
+    order of the rows they hold, if they do (then the parameter is a view of its key)."""
+    ordered = sorted(pieces, key=lambda p: p.rows[0] if p.rows else 0)
+    if len({p.key for p in ordered}) != 1:
+        return None
+    first, last = ordered[0], ordered[-1]
+    axes = [d for d in range(len(first.offset)) if first.offset[d] != last.offset[d]]
+    if len(ordered) > 1 and len(axes) != 1:
+        return None
+    for before, after in zip(ordered, ordered[1:]):
+        d = axes[0]
+        if after.offset[d] != before.offset[d] + before.chunk_shape[d] or any(
+            after.offset[k] != before.offset[k] or after.chunk_shape[k] != before.chunk_shape[k]
+            for k in range(len(before.offset))
+            if k != d
+        ):
+            return None
+    end = [o + n for o, n in zip(last.offset, last.chunk_shape)]
+    return tuple(slice(o, e) for o, e in zip(first.offset, end))
+
+
+class Reader:
+    """Full Megatron tensors (bridge names) read back from a torch_dist checkpoint, one at a time."""
+
+    def __init__(self, bridge: BridgeBase, directory: Path) -> None:
+        self.directory = Path(directory)
+        try:
+            stored = _read_metadata(self.directory)
+        except Exception as e:  # noqa: BLE001 - a missing, truncated or corrupt .metadata
+            raise ConversionError(
+                f"{directory}: not a readable torch_dist checkpoint ({e})"
+            ) from None
+        plan = layout(bridge)
+        self._pieces: dict[str, list[Piece]] = {}
+        for piece in plan.pieces:
+            self._pieces.setdefault(piece.param, []).append(piece)
+            if piece.key not in stored:
+                raise ConversionError(
+                    f"{piece.key}: missing from the torch_dist checkpoint at {directory}"
+                )
+            if tuple(stored[piece.key].size) != piece.global_shape:
+                raise ConversionError(
+                    f"{piece.key}: shape {list(stored[piece.key].size)} in {directory}, but the model has {list(piece.global_shape)}"
+                )
+        unexpected = sorted(set(stored) - {p.key for p in plan.pieces})
+        if unexpected:
+            raise ConversionError(
+                f"{unexpected[0]}: unexpected tensor in the torch_dist checkpoint at {directory}"
+            )
+        check_coverage(bridge, set(self._pieces))
+        for key, entry in stored.items():
+            _check_chunks(key, entry, self.directory)
+        self._dtypes = {k: v.dtype for k, v in stored.items()}
+        self._global = {k: v.size for k, v in stored.items()}
+        self._keys: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._records = _Records(self.directory, stored)
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the data files and lets go of the keys and buffers kept."""
+        self._keys.clear()
+        self._records.close()
+
+    def names(self) -> set[str]:
+        return set(self._pieces)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._pieces[name][0].param_shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtypes[self._pieces[name][0].key]
+
+    def file(self, name: str) -> str:
+        return "torch_dist"
+
+    def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        return {name: self.get(name) for name in names}
+
+    def get(self, name: str) -> torch.Tensor:
+        """The parameter's full tensor, its chunks taken from their keys and put back in their rows."""
+        pieces = self._pieces[name]
+        self._load([p.key for p in pieces])
+        tiled = _tiling_region(pieces)
+        if tiled is not None:  # one region of one key, in row order: a view, no copy
+            return self._keys[pieces[0].key][tiled].reshape(pieces[0].param_shape)
+        chunks = {p: self._keys[p.key][_region(p)] for p in pieces}
+        full = torch.empty(pieces[0].param_shape, dtype=self.dtype(name))
+        for piece, chunk in chunks.items():
+            full[piece.rows[0] : piece.rows[1]] = chunk.reshape(
+                (piece.rows[1] - piece.rows[0], *piece.param_shape[1:])
+            )
+        return full
+
+    def _load(self, keys: list[str]) -> None:
+        """Read whole checkpoint keys (one DCP read for all missing ones); keep the last few, since
+        the parameters of one key (stacked experts) are asked for one after another."""
+        missing = [k for k in dict.fromkeys(keys) if k not in self._keys]
+        for key in missing:
+            direct = self._records.tensor(key)
+            if direct is not None:
+                self._keys[key] = direct
+        missing = [k for k in missing if k not in self._keys]
+        if missing:  # records this reader does not map: DCP's own reader
+            from torch.distributed.checkpoint import (
+                DefaultLoadPlanner,
+                FileSystemReader,
+                load,
+            )
+            from torch.distributed.checkpoint.api import CheckpointException
+
+            state = {k: torch.empty(self._global[k], dtype=self._dtypes[k]) for k in missing}
+            try:
+                load(
+                    state,
+                    storage_reader=FileSystemReader(str(self.directory)),
+                    planner=DefaultLoadPlanner(flatten_state_dict=False),
+                    no_dist=True,
+                )
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - a bad data file
+                lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+                cause = lines[-1] if lines else type(e).__name__  # DCP's last line names it
+                raise ConversionError(
+                    f"{missing[0]}: cannot read it from the torch_dist checkpoint at {self.directory} ({cause})"
+                ) from None
+            self._keys.update(state)
+        for key in keys:
+            self._keys.move_to_end(key)
+        while len(self._keys) > max(KEY_CACHE, len(set(keys))):
+            self._keys.popitem(last=False)

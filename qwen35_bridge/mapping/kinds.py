@@ -1,0 +1,284 @@
+"""The mapping kinds a generated bridge's table is made of.
+
+A mapping names a family of Megatron tensors (a template with `{i}` for the layer and `{e}` for the
+expert), the HF tensors it is made from, their shapes, the layers (and experts) it covers, and how
+the Megatron tensor is split across tensor-parallel ranks. `groups()` expands it into concrete
+groups: the smallest sets of HF and Megatron tensors that must meet to be converted, in either
+direction. Conversion code works on groups only, so every mapping kind is converted, streamed,
+sharded and checked the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from qwen35_bridge.mapping import dims as d
+from qwen35_bridge.mapping.splits import COLUMN, GLU_ROWS, REPLICATED, Split, sections
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+Tensors = Mapping[str, "Tensor"]
+Shape = tuple[int, ...]
+
+
+def _t():
+    """The tensor functions, imported on first use: reading or expanding a table needs no torch."""
+    from qwen35_bridge.mapping import transforms
+
+    return transforms
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Choices a user makes explicitly; the defaults refuse anything inexact."""
+
+    allow_norm_rounding: bool = False
+
+
+@dataclass(frozen=True)
+class Group:
+    """Concrete HF and Megatron tensors (names and shapes) that convert into each other as a unit."""
+
+    hf: dict[str, Shape]
+    megatron: dict[str, Shape]
+    split: Split
+    kind: str
+    to_megatron: Callable[[Tensors, ConvertOptions], dict[str, Tensor]] = field(
+        repr=False, compare=False
+    )
+    to_hf: Callable[[Tensors, ConvertOptions], dict[str, Tensor]] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class MappingBase:
+    """Common parts: the Megatron name template and the layers it covers (empty: not per layer)."""
+
+    megatron: str
+    layers: tuple[int, ...] = ()
+
+    def groups(self) -> Iterator[Group]:
+        for index in [{"i": i} for i in self.layers] or [{}]:
+            yield from self._groups(index)
+
+    def _groups(self, index: dict[str, int]) -> Iterator[Group]:
+        raise NotImplementedError
+
+    def _group(
+        self, hf: dict[str, Shape], megatron: dict[str, Shape], split: Split, to_megatron, to_hf
+    ) -> Group:
+        return Group(hf, megatron, split, type(self).__name__, to_megatron, to_hf)
+
+
+def _with_experts(index: dict[str, int], experts: int) -> Iterator[dict[str, int]]:
+    if not experts:
+        yield index
+    for e in range(experts):
+        yield {**index, "e": e}
+
+
+@dataclass(frozen=True)
+class Rename(MappingBase):
+    """One HF tensor copied unchanged; with `experts`, one per expert (`{e}` in both names)."""
+
+    hf: str = ""
+    shape: Shape = ()
+    tp: Split = REPLICATED
+    experts: int = 0
+
+    def _groups(self, index: dict[str, int]) -> Iterator[Group]:
+        for idx in _with_experts(index, self.experts):
+            meg, hf = self.megatron.format(**idx), self.hf.format(**idx)
+            yield self._group(
+                {hf: self.shape},
+                {meg: self.shape},
+                self.tp,
+                lambda ts, _o, meg=meg, hf=hf: {meg: ts[hf]},
+                lambda ts, _o, meg=meg, hf=hf: {hf: ts[meg]},
+            )
+
+
+@dataclass(frozen=True)
+class GatedQKV(MappingBase):
+    """HF q_proj (queries and gates interleaved per head), k_proj, v_proj -> Megatron linear_qkv."""
+
+    q: str = ""
+    k: str = ""
+    v: str = ""
+    dims: d.AttentionDims = d.AttentionDims(1, 1, 1)
+    hidden: int = 0
+
+    def _groups(self, index: dict[str, int]) -> Iterator[Group]:
+        meg, q, k, v = (n.format(**index) for n in (self.megatron, self.q, self.k, self.v))
+        d, dims = self.dims, self.dims
+        hf = {
+            q: (d.heads * 2 * d.head_dim, self.hidden),
+            k: (d.kv_heads * d.head_dim, self.hidden),
+            v: (d.kv_heads * d.head_dim, self.hidden),
+        }
+        rows = d.kv_heads * (2 * d.group_size + 2) * d.head_dim
+        yield self._group(
+            hf,
+            {meg: (rows, self.hidden)},
+            COLUMN,  # whole KV groups per rank: each group's rows are contiguous
+            lambda ts, _o: {meg: _t().gated_qkv_to_megatron(ts[q], ts[k], ts[v], dims)},
+            lambda ts, _o: dict(zip((q, k, v), _t().gated_qkv_to_hf(ts[meg], dims))),
+        )
+
+
+@dataclass(frozen=True)
+class GDNInProj(MappingBase):
+    """HF Qwen3.5 in_proj_qkv, in_proj_z, in_proj_b, in_proj_a -> Megatron in_proj."""
+
+    qkv: str = ""
+    z: str = ""
+    b: str = ""
+    a: str = ""
+    dims: d.GDNDims = d.GDNDims(1, 1, 1, 1)
+    hidden: int = 0
+
+    def _groups(self, index: dict[str, int]) -> Iterator[Group]:
+        meg = self.megatron.format(**index)
+        names = tuple(n.format(**index) for n in (self.qkv, self.z, self.b, self.a))
+        dims, s = self.dims, self.dims.in_proj_sections
+        rows = (s[0] + s[1] + s[2], s[3], s[4], s[5])
+        yield self._group(
+            {n: (r, self.hidden) for n, r in zip(names, rows)},
+            {meg: (sum(s), self.hidden)},
+            sections(*s),
+            lambda ts, _o: {meg: _t().gdn_in_proj_to_megatron(*(ts[n] for n in names))},
+            lambda ts, _o: dict(zip(names, _t().gdn_in_proj_to_hf(ts[meg], dims))),
+        )
+
+
+@dataclass(frozen=True)
+class GDNInProjGrouped(MappingBase):
+    """HF Qwen3-Next in_proj_qkvz and in_proj_ba (grouped per key head) -> Megatron in_proj."""
+
+    qkvz: str = ""
+    ba: str = ""
+    dims: d.GDNDims = d.GDNDims(1, 1, 1, 1)
+    hidden: int = 0
+
+    def _groups(self, index: dict[str, int]) -> Iterator[Group]:
+        meg, qkvz, ba = (n.format(**index) for n in (self.megatron, self.qkvz, self.ba))
+        dims, s = self.dims, self.dims.in_proj_sections
+        yield self._group(
+            {qkvz: (s[0] + s[1] + s[2] + s[3], self.hidden), ba: (s[4] + s[5], self.hidden)},
+            {meg: (sum(s), self.hidden)},
+            sections(*s),
+            lambda ts, _o: {meg: _t().gdn_grouped_in_proj_to_megatron(ts[qkvz], ts[ba], dims)},
+            lambda ts, _o: dict(zip((qkvz, ba), _t().gdn_grouped_in_proj_to_hf(ts[meg], dims))),
+        )
+
+
+@dataclass(frozen=True)
+class GDNConv1d(MappingBase):
+    """The causal conv1d over [q; k; v] channels: copied, but split per section across TP ranks."""
+
+    hf: str = ""
+    dims: d.GDNDims = d.GDNDims(1, 1, 1, 1)
+    kernel: int = 0
+
+    def _groups(self, index: dict[str, int]) -> Iterator[Group]:
+        meg, hf = self.megatron.format(**index), self.hf.format(**index)
+        shape = (sum(self.dims.conv_sections), 1, self.kernel)
+        yield self._group(
+            {hf: shape},
+            {meg: shape},
+            sections(*self.dims.conv_sections),
+            lambda ts, _o: {meg: ts[hf]},
+            lambda ts, _o: {hf: ts[meg]},
+        )
+
+
+@dataclass(frozen=True)
+class GDNOutNorm(MappingBase):
+    """The GDN output norm: HF `w` (plain scale) is Megatron `w - 1` (zero-centred gamma)."""
+
+    hf: str = ""
+    shape: Shape = ()
+
+    def _groups(self, index: dict[str, int]) -> Iterator[Group]:
+        meg, hf = self.megatron.format(**index), self.hf.format(**index)
+        yield self._group(
+            {hf: self.shape},
+            {meg: self.shape},
+            REPLICATED,
+            lambda ts, o: {
+                meg: _t().shift_norm_to_megatron(ts[hf], hf, allow_rounding=o.allow_norm_rounding)
+            },
+            lambda ts, o: {
+                hf: _t().shift_norm_to_hf(ts[meg], meg, allow_rounding=o.allow_norm_rounding)
+            },
+        )
+
+
+@dataclass(frozen=True)
+class GLU(MappingBase):
+    """HF gate_proj and up_proj, each of `shape` -> Megatron linear_fc1 ([gate; up]); per expert
+    with `experts`."""
+
+    gate: str = ""
+    up: str = ""
+    shape: Shape = ()
+    experts: int = 0
+
+    def _groups(self, index: dict[str, int]) -> Iterator[Group]:
+        rows, cols = self.shape
+        for idx in _with_experts(index, self.experts):
+            meg, gate, up = (n.format(**idx) for n in (self.megatron, self.gate, self.up))
+            yield self._group(
+                {gate: self.shape, up: self.shape},
+                {meg: (2 * rows, cols)},
+                GLU_ROWS,
+                lambda ts, _o, meg=meg, gate=gate, up=up: {
+                    meg: _t().glu_to_megatron(ts[gate], ts[up])
+                },
+                lambda ts, _o, meg=meg, gate=gate, up=up: dict(
+                    zip((gate, up), _t().glu_to_hf(ts[meg]))
+                ),
+            )
+
+
+@dataclass(frozen=True)
+class PackedExperts(MappingBase):
+    """One HF tensor of `shape` holding every expert ([E, ...]) <-> one Megatron tensor per expert
+    (`{e}`). The packed gate_up_proj rows are [gate; up] already, as Megatron's fc1 wants them."""
+
+    hf: str = ""
+    shape: Shape = ()
+    tp: Split = REPLICATED
+
+    def _groups(self, index: dict[str, int]) -> Iterator[Group]:
+        hf = self.hf.format(**index)
+        experts, *inner = self.shape
+        megs = tuple(self.megatron.format(**index, e=e) for e in range(experts))
+        yield self._group(
+            {hf: self.shape},
+            {m: tuple(inner) for m in megs},
+            self.tp,
+            lambda ts, _o: dict(zip(megs, _t().unstack_experts(ts[hf]))),
+            lambda ts, _o: {hf: _t().stack_experts([ts[m] for m in megs])},
+        )
+
+
+@dataclass(frozen=True)
+class VisionQKV(MappingBase):
+    """Vision attention qkv (weight or bias): HF flat [Q; K; V] -> Megatron per head [q; k; v]."""
+
+    hf: str = ""
+    dims: d.VisionDims = d.VisionDims(1, 1)
+    shape: Shape = ()
+
+    def _groups(self, index: dict[str, int]) -> Iterator[Group]:
+        meg, hf, dims = self.megatron.format(**index), self.hf.format(**index), self.dims
+        yield self._group(
+            {hf: self.shape},
+            {meg: self.shape},
+            COLUMN,  # whole heads per rank
+            lambda ts, _o: {meg: _t().vision_qkv_to_megatron(ts[hf], dims)},
+            lambda ts, _o: {hf: _t().vision_qkv_to_hf(ts[meg], dims)},
+        )

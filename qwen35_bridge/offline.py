@@ -1,0 +1,363 @@
+"""Whole-checkpoint conversion on disk (HF <-> Megatron) through a bridge's groups, one group at a
+time.
+
+Every source tensor is used exactly once: before anything is written, the source's key set is
+compared with the bridge's (missing and unexpected tensors are named), and every shape and dtype is
+checked against the table. Output shards are planned from that check and streamed, so memory holds
+one group of tensors at a time. The destination appears only once complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from qwen35_bridge.errors import ConversionError
+from qwen35_bridge.formats import dtypes, fp8
+from qwen35_bridge.formats.fp8 import DequantizingReader
+from qwen35_bridge.formats.protocol import TensorReader
+from qwen35_bridge.formats.record import (
+    FORMAT_TORCH_DIST,
+    FORMATS,
+    Record,
+    keep_hf_files,
+    restore_hf_files,
+)
+from qwen35_bridge.formats.safetensors.reader import CheckpointReader
+from qwen35_bridge.formats.safetensors.writer import (
+    DEFAULT_MAX_SHARD_BYTES,
+    Opener,
+    Planned,
+    StreamingWriter,
+    plan_shards,
+    write_index,
+)
+from qwen35_bridge.formats.staging import staged_directory
+from qwen35_bridge.mapping.kinds import ConvertOptions, Group, Shape
+
+if TYPE_CHECKING:
+    from qwen35_bridge.bridge import BridgeBase
+
+
+class Progress:
+    """What a conversion reports as it goes; the default reports nothing."""
+
+    def start(self, tensors: int, total_bytes: int) -> None: ...
+
+    def advance(self, tensors: int, nbytes: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class OutputStage:
+    """A last step on each output tensor (FP8 re-quantisation), planned like the rest."""
+
+    def plan(self, planned: Planned) -> list[Planned]:
+        return [planned]
+
+    def apply(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: tensor}
+
+
+@dataclass(frozen=True)
+class Report:
+    tensors_read: int
+    tensors_written: int
+    bytes_written: int
+
+
+def check_source(reader: TensorReader, expected: Mapping[str, Shape], what: str) -> None:
+    """The source holds exactly the expected tensors, each of the expected shape."""
+    names = reader.names()
+    missing = sorted(set(expected) - names)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConversionError(
+            f"{missing[0]}: missing from the {what} checkpoint at {reader.directory}{more}"
+        )
+    unexpected = sorted(names - set(expected))
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise ConversionError(
+            f"{unexpected[0]}: unexpected tensor in the {what} checkpoint at {reader.directory}, not in the bridge{more}"
+        )
+    for name, shape in expected.items():
+        found = reader.shape(name)
+        if found != tuple(shape):
+            raise ConversionError(
+                f"{name}: shape {list(found)} in {reader.file(name)}, but the bridge expects {list(shape)}"
+            )
+        if reader.dtype(name) not in dtypes.weight_dtypes():
+            raise ConversionError(
+                f"{name}: dtype {reader.dtype(name)} in {reader.file(name)}; a weight is float32, "
+                "bfloat16 or float16 (float8 only as the quantised weights of an FP8 release)"
+            )
+
+
+def read_group(reader: TensorReader, names: list[str]) -> dict[str, torch.Tensor]:
+    """A group's source tensors, in one read where the format allows."""
+    return reader.get_many(names)
+
+
+def group_dtype(reader: TensorReader, names: Sequence[str]) -> torch.dtype:
+    """The one dtype of tensors converted together (a mix would be silently promoted)."""
+    dtypes = {reader.dtype(n) for n in names}
+    if len(dtypes) > 1:
+        detail = ", ".join(f"{n} {reader.dtype(n)}" for n in names)
+        dequantized = [n for n in names if n in getattr(reader, "quantized", ())]
+        hint = ""
+        if dequantized:
+            stored = {reader.dtype(n) for n in names if n not in dequantized}
+            hint = (
+                f"; {dequantized[0]} is dequantised to {reader.dtype(dequantized[0])} but is "
+                f"converted together with tensors stored as {', '.join(map(str, stored))}: pass "
+                f"--dequantize-to {str(next(iter(stored))).removeprefix('torch.')}"
+            )
+        raise ConversionError(f"tensors converted together have different dtypes: {detail}{hint}")
+    return dtypes.pop()
+
+
+def plan(
+    groups: Sequence[Group], reader: TensorReader, source_side: str, target_side: str
+) -> list[Planned]:
+    """Every output tensor, in write order, with its dtype (the group's) and shape (the table's)."""
+    planned = []
+    for group in groups:
+        dtype = group_dtype(reader, list(getattr(group, source_side)))
+        planned += [
+            Planned(name, dtype, tuple(shape))
+            for name, shape in getattr(group, target_side).items()
+        ]
+    return planned
+
+
+def convert_directory(
+    groups: Sequence[Group],
+    reader: TensorReader,
+    destination: Path,
+    to_target: Callable[[Group, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    *,
+    source_side: str,
+    target_side: str,
+    max_shard_bytes: int,
+    index_metadata: dict[str, str],
+    progress: Progress,
+    opener: Opener | None = None,
+    stage: OutputStage | None = None,
+) -> Report:
+    """Stream every group from `reader` through `to_target` into safetensors shards + index."""
+    planned = plan(groups, reader, source_side, target_side)
+    if stage is not None:
+        planned = [q for p in planned for q in stage.plan(p)]
+    writer = StreamingWriter(
+        destination, plan_shards(planned, max_shard_bytes), metadata=index_metadata, opener=opener
+    )
+    progress.start(len(planned), sum(p.nbytes for p in planned))
+    read = 0
+    try:
+        for group in groups:
+            read += _convert_group(
+                group, reader, writer, to_target, source_side, target_side, stage, progress
+            )
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        progress.finish()
+    write_index(destination, writer.weight_map, writer.bytes_written, index_metadata)
+    return Report(read, len(planned), writer.bytes_written)
+
+
+def _convert_group(
+    group: Group,
+    reader: TensorReader,
+    writer: StreamingWriter,
+    to_target: Callable[[Group, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    source_side: str,
+    target_side: str,
+    stage: OutputStage | None,
+    progress: Progress,
+) -> int:
+    """One group read, converted and written; its tensors die when this returns, so memory holds
+    one group at a time. Returns the number of tensors read."""
+    tensors = read_group(reader, list(getattr(group, source_side)))
+    out = to_target(group, tensors)
+    if stage is not None:
+        out = {
+            k: v
+            for name in getattr(group, target_side)
+            for k, v in stage.apply(name, out[name]).items()
+        }
+    for name, tensor in out.items():
+        writer.write(name, tensor)
+    progress.advance(len(out), sum(t.numel() * t.element_size() for t in out.values()))
+    return len(tensors)
+
+
+def hf_to_megatron(
+    bridge: BridgeBase,
+    source: Path,
+    destination: Path,
+    *,
+    record: Record,
+    options: ConvertOptions = ConvertOptions(),
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    force: bool = False,
+    progress: Progress = Progress(),
+    opener: Opener | None = None,
+    dequantize_to: torch.dtype = torch.bfloat16,
+    output_format: str = "safetensors",
+) -> Report:
+    """HF safetensors -> a Megatron checkpoint: the unsharded state dict as safetensors
+    (megatron-core names), or a `torch_dist` checkpoint for `dist_checkpointing.load`.
+
+    An FP8 checkpoint is dequantised to `dequantize_to` on the way; the record lists which
+    tensors were FP8, so that the way back can quantise them again if asked.
+    """
+    record = replace(record, format=FORMATS[output_format])
+    with CheckpointReader(source) as raw:
+        reader: TensorReader = raw
+        if bridge.quantization is not None:
+            q = bridge.quantization
+            reader = DequantizingReader(
+                raw,
+                block=q["weight_block_size"],
+                modules_to_not_convert=q["modules_to_not_convert"],
+                dtype=dequantize_to,
+            )
+            record = replace(record, fp8_tensors=tuple(sorted(reader.quantized)))
+        check_source(reader, bridge.hf_shapes, "HF")
+        with staged_directory(destination, force=force, source=Path(source)) as staging:
+            if output_format == "torch_dist":
+                report = _write_torch_dist(bridge, reader, staging, options, progress)
+            else:
+                report = convert_directory(
+                    bridge.groups,
+                    reader,
+                    staging,
+                    lambda g, ts: g.to_megatron(ts, options),
+                    source_side="hf",
+                    target_side="megatron",
+                    max_shard_bytes=max_shard_bytes,
+                    index_metadata={"format": record.format},
+                    progress=progress,
+                    opener=opener,
+                )
+            keep_hf_files(Path(source), staging)
+            record.write(staging)
+    return report
+
+
+def megatron_to_hf(
+    bridge: BridgeBase,
+    source: Path,
+    destination: Path,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    force: bool = False,
+    progress: Progress = Progress(),
+    opener: Opener | None = None,
+    fp8_tensors: Sequence[str] = (),
+    options: ConvertOptions = ConvertOptions(),
+) -> Report:
+    """The Megatron safetensors written by `hf_to_megatron` -> HF shards, index and config.
+
+    With a quantised bridge, the tensors named in `fp8_tensors` are quantised back to FP8 (with
+    their scales); otherwise the checkpoint is written unquantised and its config says so.
+    """
+    stage = None
+    if bridge.quantization is not None:
+        elsewhere = sorted(
+            name
+            for name in fp8_tensors
+            if name not in bridge.hf_shapes or len(bridge.hf_shapes[name]) < 2
+        )
+        if elsewhere:
+            raise ConversionError(
+                f"{elsewhere[0]}: quantised in the FP8 source but not a tensor of this export; "
+                "re-quantising needs the source's expert layouts (drop --experts/--mtp-experts)"
+            )
+        stage = Requantize(set(fp8_tensors), tuple(bridge.quantization["weight_block_size"]))
+    with megatron_reader(bridge, Path(source)) as reader:
+        check_source(reader, bridge.megatron_shapes, "Megatron")
+        with staged_directory(destination, force=force, source=Path(source)) as staging:
+            report = convert_directory(
+                bridge.groups,
+                reader,
+                staging,
+                lambda g, ts: g.to_hf(ts, options),
+                source_side="megatron",
+                target_side="hf",
+                max_shard_bytes=max_shard_bytes,
+                index_metadata={},
+                progress=progress,
+                opener=opener,
+                stage=stage,
+            )
+            restore_hf_files(Path(source), staging, quantized=stage is not None)
+    return report
+
+
+class Requantize(OutputStage):
+    """Quantise the named tensors to FP8 blocks, each followed by its `_scale_inv`."""
+
+    def __init__(self, names: set[str], block: tuple[int, int]) -> None:
+        self.names, self.block = names, block
+
+    def plan(self, planned: Planned) -> list[Planned]:
+        if planned.name not in self.names:
+            return [planned]
+        scale = Planned(
+            fp8.scale_name(planned.name), torch.float32, fp8.scale_shape(planned.shape, self.block)
+        )
+        return [Planned(planned.name, fp8.FP8, planned.shape), scale]
+
+    def apply(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if name not in self.names:
+            return {name: tensor}
+        weight, scale = fp8.quantize(tensor, self.block)
+        return {name: weight, fp8.scale_name(name): scale}
+
+
+def _write_torch_dist(
+    bridge: BridgeBase,
+    reader: TensorReader,
+    staging: Path,
+    options: ConvertOptions,
+    progress: Progress,
+) -> Report:
+    from qwen35_bridge.formats import torch_dist
+
+    planned = plan(bridge.groups, reader, "hf", "megatron")
+    dtypes = {p.name: p.dtype for p in planned}
+
+    def convert(group: Group) -> dict[str, torch.Tensor]:
+        return group.to_megatron({name: reader.get(name) for name in group.hf}, options)
+
+    progress.start(len(planned), sum(p.nbytes for p in planned))
+    try:
+        written = torch_dist.write(
+            bridge, staging, convert, dtypes.__getitem__, on_chunk=lambda n: progress.advance(0, n)
+        )
+    finally:
+        progress.finish()
+    return Report(len(bridge.hf_shapes), len(planned), written)
+
+
+@contextmanager
+def megatron_reader(bridge: BridgeBase, source: Path) -> Iterator[TensorReader]:
+    """The tensors of a Megatron checkpoint written by `hf_to_megatron`, in either format."""
+    if Record.read(source).format == FORMAT_TORCH_DIST:
+        from qwen35_bridge.formats import torch_dist
+
+        with torch_dist.Reader(bridge, source) as reader:
+            yield reader
+    else:
+        with CheckpointReader(source) as reader:
+            yield reader

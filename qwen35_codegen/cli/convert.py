@@ -1,0 +1,106 @@
+"""`codegen convert`: pick (or generate) the bridge for a checkpoint, then convert on disk."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwen35_bridge import offline
+from qwen35_bridge.errors import ConversionError
+from qwen35_bridge.formats.record import Record
+from qwen35_bridge.mapping.kinds import ConvertOptions
+from qwen35_codegen.cli.progress import for_terminal
+from qwen35_codegen.registry.lookup import (
+    bridge_for_checkpoint,
+    bridge_for_spec,
+    recorded_spec,
+)
+from qwen35_codegen.spec import ModelSpec
+
+
+def hf_to_megatron(
+    src: Path,
+    dst: Path,
+    *,
+    output_format: str = "safetensors",
+    bridge_dir: Path | None = None,
+    force: bool = False,
+    max_shard_bytes: int,
+    allow_norm_rounding: bool = False,
+    dequantize_to: str = "bfloat16",
+    quiet: bool = False,
+) -> offline.Report:
+    bridge, spec, source = bridge_for_checkpoint(src, bridge_dir=bridge_dir, quiet=quiet)
+    record = Record(
+        model_id=source.model_id,
+        spec_sha256=spec.fingerprint(),
+        spec=spec.to_dict(),
+        bridge_module=type(bridge).__module__,
+    )
+    options = ConvertOptions(allow_norm_rounding=allow_norm_rounding)
+    progress = for_terminal(f"{src.name} -> Megatron", quiet=quiet)
+    return offline.hf_to_megatron(
+        bridge,
+        src,
+        dst,
+        record=record,
+        options=options,
+        max_shard_bytes=max_shard_bytes,
+        force=force,
+        progress=progress,
+        dequantize_to=getattr(torch, dequantize_to),
+        output_format=output_format,
+    )
+
+
+def megatron_to_hf(
+    src: Path,
+    dst: Path,
+    *,
+    experts: str | None = None,
+    mtp_experts: str | None = None,
+    fp8: bool = False,
+    allow_norm_rounding: bool = False,
+    bridge_dir: Path | None = None,
+    force: bool = False,
+    max_shard_bytes: int,
+    quiet: bool = False,
+) -> offline.Report:
+    record, spec = recorded_spec(src)
+    spec = _with_layouts(spec, experts, mtp_experts)
+    if fp8 and spec.quantization is None:
+        raise ConversionError(
+            f"--fp8: {src} was not converted from an FP8 checkpoint; there is no block size or tensor list to quantise with"
+        )
+    if not fp8:
+        spec = dataclasses.replace(spec, quantization=None)
+    bridge = bridge_for_spec(spec, record.model_id, bridge_dir=bridge_dir, quiet=quiet)
+    progress = for_terminal(f"{src.name} -> HF", quiet=quiet)
+    return offline.megatron_to_hf(
+        bridge,
+        src,
+        dst,
+        max_shard_bytes=max_shard_bytes,
+        force=force,
+        progress=progress,
+        fp8_tensors=record.fp8_tensors,
+        options=ConvertOptions(allow_norm_rounding=allow_norm_rounding),
+    )
+
+
+def _with_layouts(spec: ModelSpec, experts: str | None, mtp_experts: str | None) -> ModelSpec:
+    """The spec of the same model stored with other expert layouts on the HF side."""
+    changes: dict[str, Any] = {}
+    if experts is not None:
+        if spec.moe is None:
+            raise ConversionError(f"--experts {experts}: this model has no experts")
+        changes["experts_layout"] = experts
+        changes["mtp_experts_layout"] = spec.mtp_experts_layout and (mtp_experts or experts)
+    if mtp_experts is not None:
+        if spec.mtp_mlp_type != "moe":
+            raise ConversionError(f"--mtp-experts {mtp_experts}: this model has no MTP experts")
+        changes["mtp_experts_layout"] = mtp_experts
+    return dataclasses.replace(spec, **changes) if changes else spec

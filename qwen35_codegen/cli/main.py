@@ -1,0 +1,330 @@
+"""`codegen` command line. Each verb imports what it needs, so generating never imports torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from qwen35_bridge.errors import BridgeError
+from qwen35_codegen.errors import CodegenError
+
+LAYOUTS = ("packed", "per_expert")
+HF_PREFIXES = ("model.", "model.language_model.")
+
+
+def _add_source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "ref", help="catalog:ID, a local directory or config.json, or a hub id (owner/name)"
+    )
+    p.add_argument("--index", type=Path, help="model.safetensors.index.json to read layouts from")
+    p.add_argument("--experts", choices=LAYOUTS, help="decoder experts layout, when no index says")
+    p.add_argument(
+        "--mtp-experts", choices=LAYOUTS, help="MTP experts layout, when no index or catalog says"
+    )
+    p.add_argument(
+        "--hf-prefix", choices=HF_PREFIXES, help="HF prefix of a text-only Qwen3.5 checkpoint"
+    )
+
+
+def _request(args: argparse.Namespace):  # -> pipeline.Request
+    from qwen35_codegen.pipeline import Request
+    from qwen35_codegen.spec import LayoutChoices
+
+    choices = LayoutChoices(
+        experts=args.experts, mtp_experts=args.mtp_experts, hf_prefix=args.hf_prefix
+    )
+    return Request(
+        ref=args.ref, index=args.index, choices=choices, name=getattr(args, "name", None)
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from qwen35_codegen import checkout, pipeline
+
+    if args.out is None and not checkout.is_checkout():
+        raise CodegenError(
+            "--out is required: this generator is installed, not run from the project's checkout, "
+            "and committed bridges are written only into the checkout"
+        )
+    generated = pipeline.generate(_request(args))
+    out = args.out or checkout.GENERATED
+    for path in pipeline.write(generated, out):
+        print(f"wrote {path}")
+    source = generated.entry.source
+    if out == checkout.GENERATED and not pipeline.committable(source):
+        print(
+            f"note: the source {source} ({generated.source.provenance}) is not in the repository, "
+            "so `codegen check` cannot regenerate this bridge offline; to commit it, generate from "
+            "a copy of the config inside the repository or from catalog:ID",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from qwen35_codegen import pipeline
+
+    source, spec = pipeline.infer(_request(args))
+    data = {"model_id": source.model_id, "source": source.ref, "provenance": source.provenance}
+    data |= spec.to_dict()
+    if spec.needs_mtp_experts_choice:
+        data["mtp_experts_layout_reason"] = (
+            "no index and no catalog statement: choose with --mtp-experts"
+        )
+    data["spec_sha256"] = spec.fingerprint()
+    print(json.dumps(data, indent=2))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from qwen35_codegen import pipeline
+
+    drifts = pipeline.check()
+    if not drifts:
+        print(
+            "qwen35_bridge/generated/ matches the generator (bridges, manifests and summaries, byte for byte); every table matches its manifest"
+        )
+        return 0
+    for drift in drifts:
+        print(f"{drift.path}: {drift.problem}\n    fix: {drift.fix}")
+    print(f"{len(drifts)} problem(s) in qwen35_bridge/generated/")
+    return 1
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from qwen35_codegen import pipeline
+    from qwen35_codegen.review import summary
+
+    print(summary.render(pipeline.generate(_request(args))), end="")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from qwen35_codegen.review import diff as review_diff
+
+    print(review_diff.render(review_diff.load(args.old), review_diff.load(args.new)), end="")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from qwen35_codegen import catalog
+
+    for model_id in catalog.model_ids():
+        entry = catalog.entry(model_id)
+        line = f"{model_id:40} {entry.provenance:14} {entry.source}"
+        if entry.base:
+            line += f" [{len(entry.assumed_fields())} fields assumed from {entry.base}]"
+        print(line)
+        for key, statement in entry.statements.items():
+            print(f"{'':40} states {key} = {statement.value} ({statement.provenance})")
+    return 0
+
+
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+}
+
+
+def parse_size(text: str) -> int:
+    """`5GB`, `500MB`, `1.5GiB` or a number of bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else ""
+    if not match or unit not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from qwen35_codegen.cli import convert as conversion
+
+    common = dict(
+        bridge_dir=args.bridge_dir,
+        force=args.force,
+        max_shard_bytes=args.max_shard_size,
+        quiet=args.quiet,
+    )
+    if args.direction == "hf-to-megatron":
+        report = conversion.hf_to_megatron(
+            args.src,
+            args.dst,
+            output_format=args.format,
+            allow_norm_rounding=args.accept_norm_rounding,
+            dequantize_to=args.dequantize_to,
+            **common,
+        )
+    else:
+        report = conversion.megatron_to_hf(
+            args.src,
+            args.dst,
+            experts=args.experts,
+            mtp_experts=args.mtp_experts,
+            fp8=args.fp8,
+            allow_norm_rounding=args.accept_norm_rounding,
+            **common,
+        )
+    if not args.quiet:
+        print(
+            f"wrote {args.dst}: {report.tensors_written} tensors, {report.bytes_written / 1e9:.3f} GB (from {report.tensors_read} tensors)"
+        )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from qwen35_bridge.megatron.shims import training_advice_silenced
+    from qwen35_codegen.cli.verify import verify
+
+    with training_advice_silenced():
+        verdict = verify(
+            args.hf_dir,
+            args.megatron_dir,
+            tokens=args.tokens,
+            seed=args.seed,
+            tolerance=args.tolerance,
+        )
+    print(f"max |delta| logits: {verdict.logits_delta:.3e}")
+    for i, delta in enumerate(verdict.mtp_deltas):
+        print(f"max |delta| MTP layer {i} logits: {delta:.3e}")
+    print(f"{'PASS' if verdict.passed else 'FAIL'} (tolerance {verdict.tolerance:.1e})")
+    return 0 if verdict.passed else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="codegen", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    def verb(
+        name: str, func: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = verb("generate", cmd_generate, "render the bridge module of a model")
+    _add_source_options(p)
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default, in a checkout: qwen35_bridge/generated/, whose index is updated; required when installed)",
+    )
+    p.add_argument("--name", help="module name (default: derived from the model id)")
+    p = verb("inspect", cmd_inspect, "print the inferred spec as JSON")
+    _add_source_options(p)
+    p = verb("convert", cmd_convert, "convert a checkpoint on disk (HF safetensors <-> Megatron)")
+    p.add_argument("direction", choices=("hf-to-megatron", "megatron-to-hf"))
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p.add_argument(
+        "--format",
+        choices=("safetensors", "torch_dist"),
+        default="safetensors",
+        help="hf-to-megatron: Megatron output format (megatron-to-hf reads either)",
+    )
+    p.add_argument(
+        "--experts",
+        choices=LAYOUTS,
+        help="megatron-to-hf: store routed experts this way (default: as the source did)",
+    )
+    p.add_argument(
+        "--mtp-experts", choices=LAYOUTS, help="megatron-to-hf: store MTP experts this way"
+    )
+    p.add_argument(
+        "--bridge-dir", type=Path, help="where to generate a bridge when no committed one matches"
+    )
+    p.add_argument(
+        "--max-shard-size",
+        type=parse_size,
+        default="5GB",
+        help="largest output shard (default 5GB)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing destination")
+    p.add_argument("--quiet", action="store_true", help="no progress or messages")
+    p.add_argument(
+        "--accept-norm-rounding",
+        action="store_true",
+        help="convert even if the GDN norm shift (w - 1 on import, g + 1 on export) rounds",
+    )
+    p.add_argument(
+        "--dequantize-to",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="hf-to-megatron: dtype of FP8 weights once dequantised",
+    )
+    p.add_argument(
+        "--fp8",
+        action="store_true",
+        help="megatron-to-hf: quantise back to FP8 the tensors that were FP8",
+    )
+    p = verb(
+        "verify", cmd_verify, "compare the HF model's logits with the converted Megatron model's"
+    )
+    p.add_argument("hf_dir", type=Path)
+    p.add_argument("megatron_dir", type=Path)
+    p.add_argument(
+        "--tokens", type=int, default=80, help="sequence length (default 80: two GDN chunks)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tolerance", type=float, default=1e-4)
+    verb("check", cmd_check, "regenerate every committed bridge and fail on any difference")
+    p = verb("summary", cmd_summary, "describe a bridge in Markdown for its pull request")
+    _add_source_options(p)
+    p = verb("diff", cmd_diff, "what changes between two bridges: spec, key manifest, then code")
+    side = (
+        "a reference as for generate (default layouts), a generated module file (qwen35_bridge/generated/x.py), "
+        "or one as of a git revision (main:qwen35_bridge/generated/x.py)"
+    )
+    p.add_argument("old", help=side)
+    p.add_argument("new", help=side)
+    verb("list", cmd_list, "list the bundled catalog with provenance")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    terminate = signal.getsignal(signal.SIGTERM)
+    main_thread = threading.current_thread() is threading.main_thread()  # signals go only there
+    if main_thread:
+        # A killed conversion (kill, timeout, a batch scheduler) unwinds like an interrupted one,
+        # so that its staging folder is removed.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        return args.func(args)
+    except BridgeError as e:  # the runtime's and the generator's user errors alike
+        return _fail(args.verb, str(e), e.exit_code)
+    except OSError as e:  # the machine's side of a problem: permissions, a full disk, a lost file
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(args.verb, f"{where}{e.strerror or e}", BridgeError.exit_code)
+    except KeyboardInterrupt:
+        return _fail(args.verb, "interrupted", 130)
+    except SystemExit as e:
+        if e.code == 128 + signal.SIGTERM:
+            return _fail(args.verb, "terminated", e.code)
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, terminate)
+
+
+def _fail(verb: str, message: str, code: int) -> int:
+    print(f"codegen {verb}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Spec -> Python: the Jinja templates (package data), black, the banner and atomic writes."""

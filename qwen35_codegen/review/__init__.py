@@ -1,0 +1,1 @@
+"""What a reviewer reads: key manifests, parameter counts, summaries and spec/key diffs."""
