@@ -6,6 +6,7 @@ builds the model, loads a checkpoint into it, and exports it, one group of tenso
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from qwen35_bridge.errors import ConversionError
@@ -30,9 +31,10 @@ class BridgeBase(MappingTable):
     # -- Live megatron-core models -----------------------------------------------------------------
 
     def build_model(self, *, params_dtype: torch.dtype | None = None, **overrides: Any) -> Any:
-        """This rank's megatron-core model. Initialise parallel state first
-        (`qwen35_bridge.megatron.parallel.init_parallel`, whose return value belongs in
-        `overrides`). Without Transformer Engine, the CPU backend and its settings are used."""
+        """This rank's megatron-core model (with virtual pipeline stages: the list of this rank's
+        chunks). Initialise parallel state first (`qwen35_bridge.megatron.parallel.init_parallel`,
+        whose return value belongs in `overrides`). Without Transformer Engine, the CPU backend
+        and its settings are used."""
         import torch
 
         from qwen35_bridge.megatron.gpt import build_gpt_model, cpu_config_overrides
@@ -45,7 +47,11 @@ class BridgeBase(MappingTable):
             "pipeline_dtype": params_dtype,
             "bf16": params_dtype == torch.bfloat16,
         } | overrides
-        return build_gpt_model(self.transformer_config(**settings), **self.gpt_model_args)
+        config = self.transformer_config(**settings)
+        chunks = settings.get("virtual_pipeline_model_parallel_size")
+        if not chunks:
+            return build_gpt_model(config, **self.gpt_model_args)
+        return [build_gpt_model(config, **self.gpt_model_args, vp_stage=i) for i in range(chunks)]
 
     def prefix_for(self, model: Any, *, language_model_only: bool = False) -> str:
         """The part of the bridge's names `model` holds: all of them, or, for the language model of
@@ -75,7 +81,7 @@ class BridgeBase(MappingTable):
         from qwen35_bridge.megatron import live
         from qwen35_bridge.offline import check_source
 
-        prefix = self.prefix_for(model, language_model_only=language_model_only)
+        prefix = self.prefix_for(_first_chunk(model), language_model_only=language_model_only)
         with CheckpointReader(Path(hf_dir)) as reader:
             check_source(reader, self.hf_shapes, "HF")
             live.load(self, model, reader.get, prefix=prefix, options=options)
@@ -88,19 +94,58 @@ class BridgeBase(MappingTable):
         from qwen35_bridge.megatron import live
         from qwen35_bridge.offline import check_source, megatron_reader
 
-        prefix = self.prefix_for(model, language_model_only=language_model_only)
+        prefix = self.prefix_for(_first_chunk(model), language_model_only=language_model_only)
         with megatron_reader(self, Path(megatron_dir)) as reader:
             check_source(reader, self.megatron_shapes, "Megatron")
             live.load_megatron(self, model, reader.get, prefix=prefix)
 
+    def iter_hf(
+        self,
+        model: Any,
+        *,
+        experts: str | None = None,
+        bucket_bytes: int | None = None,
+        receiver: int | None = None,
+        options: ConvertOptions = ConvertOptions(),
+        language_model_only: bool = False,
+    ) -> Iterator[Any]:
+        """Stream `model`'s weights under HF names, one mapping group at a time, without ever
+        holding the whole model: `(hf_name, tensor)` pairs, or with `bucket_bytes` lists of them
+        totalling at most that many bytes (an engine's weight-update call).
+
+        `model` is what training code holds: a model or its virtual-pipeline chunks, wrapped in
+        megatron-core's DDP or Float16Module or not. Every rank of the job must iterate the
+        stream to the end (the ranks holding a tensor send it as its turn comes); the tensors
+        arrive on every rank, or only on the global rank `receiver`. `experts="per_expert"` sends
+        packed experts one expert at a time under their per-expert names. Tensors are on the
+        model's device and belong to the caller."""
+        from qwen35_bridge.megatron import stream
+
+        prefix = self.prefix_for(_first_chunk(model), language_model_only=language_model_only)
+        pairs = stream.iter_hf(
+            self, model, prefix=prefix, experts=experts, receiver=receiver, options=options
+        )
+        return stream.buckets(pairs, bucket_bytes) if bucket_bytes else pairs
+
+    def iter_megatron(
+        self,
+        model: Any,
+        *,
+        receiver: int | None = None,
+        language_model_only: bool = False,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stream `model`'s full tensors under the bridge's Megatron names (as `iter_hf`)."""
+        from qwen35_bridge.megatron import stream
+
+        prefix = self.prefix_for(_first_chunk(model), language_model_only=language_model_only)
+        return stream.iter_megatron(self, model, prefix=prefix, receiver=receiver)
+
     def export_megatron(
         self, model: Any, *, language_model_only: bool = False
     ) -> dict[str, torch.Tensor]:
-        """Every tensor of `model`, unsharded, under the bridge's Megatron names (on every rank)."""
-        from qwen35_bridge.megatron import live
-
-        prefix = self.prefix_for(model, language_model_only=language_model_only)
-        return live.export(self, model, prefix=prefix)
+        """Every tensor of `model`, unsharded, under the bridge's Megatron names (on every rank).
+        It holds the whole model: for a large one, stream with `iter_megatron`."""
+        return dict(self.iter_megatron(model, language_model_only=language_model_only))
 
     def export_hf(
         self,
@@ -110,12 +155,41 @@ class BridgeBase(MappingTable):
         language_model_only: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Every HF tensor of `model` (on every rank). `options.allow_norm_rounding` accepts a GDN
-        norm whose HF form `g + 1` rounds (a norm trained in bf16 can hold such values)."""
-        from qwen35_bridge.megatron import live
+        norm whose HF form `g + 1` rounds (a norm trained in bf16 can hold such values). It holds
+        the whole model: for a large one, stream with `iter_hf`."""
+        return dict(self.iter_hf(model, options=options, language_model_only=language_model_only))
 
-        megatron = self.export_megatron(model, language_model_only=language_model_only)
-        prefix = self.prefix_for(model, language_model_only=language_model_only)
-        return live.to_hf(self, megatron, prefix=prefix, options=options)
+    def save_hf(
+        self,
+        model: Any,
+        destination: str | Path,
+        *,
+        config_dir: str | Path,
+        receiver: int = 0,
+        max_shard_bytes: int | None = None,
+        force: bool = False,
+        options: ConvertOptions = ConvertOptions(),
+        language_model_only: bool = False,
+    ) -> Any:
+        """Write `model` (a live, sharded model, as for `iter_hf`) as an HF checkpoint folder:
+        shards streamed by the global rank `receiver` as the tensors arrive, the index, and the
+        config of the HF folder `config_dir`. Every rank must call it. The folder appears only
+        when complete."""
+        from qwen35_bridge.formats.safetensors.writer import DEFAULT_MAX_SHARD_BYTES
+        from qwen35_bridge.offline import live_to_hf
+
+        prefix = self.prefix_for(_first_chunk(model), language_model_only=language_model_only)
+        return live_to_hf(
+            self,
+            model,
+            Path(destination),
+            config_dir=Path(config_dir),
+            prefix=prefix,
+            receiver=receiver,
+            max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
+            force=force,
+            options=options,
+        )
 
     # -- Vision-language models (set by VL bridges) ------------------------------------------------
 
@@ -149,3 +223,10 @@ class BridgeBase(MappingTable):
         """The whole model the bridge's table maps: `build_vl_model` for a VL bridge, else
         `build_model`."""
         return self.build_vl_model(**kwargs) if self.is_vl else self.build_model(**kwargs)
+
+
+def _first_chunk(model: Any) -> Any:
+    """The model itself, or the first of its virtual-pipeline chunks, unwrapped."""
+    from qwen35_bridge.megatron.live import model_chunks
+
+    return model_chunks(model)[0]

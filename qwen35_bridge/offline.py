@@ -9,11 +9,12 @@ one group of tensors at a time. The destination appears only once complete.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +26,7 @@ from qwen35_bridge.formats.record import (
     FORMAT_TORCH_DIST,
     FORMATS,
     Record,
+    copy_hf_config,
     keep_hf_files,
     restore_hf_files,
 )
@@ -302,6 +304,46 @@ def megatron_to_hf(
             )
             restore_hf_files(Path(source), staging, quantized=stage is not None)
     return report
+
+
+def live_to_hf(
+    bridge: BridgeBase,
+    model: Any,
+    destination: Path,
+    *,
+    config_dir: Path,
+    prefix: str,
+    receiver: int = 0,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    force: bool = False,
+    options: ConvertOptions = ConvertOptions(),
+) -> Report | None:
+    """A live, sharded model written as an HF checkpoint folder by one rank, from the stream.
+
+    Every rank calls it; the ranks holding each tensor send it to `receiver`, which writes the
+    shards as the tensors arrive (memory: one group) and copies `config.json` (and
+    `generation_config.json`) from `config_dir`. Returns the report on `receiver`, None elsewhere.
+    """
+    from qwen35_bridge.megatron import stream
+
+    placement = stream.placement_of(bridge, model, prefix, receiver)
+    tensors = stream.iter_hf(bridge, model, prefix=prefix, options=options, placement=placement)
+    if not placement.receives:
+        collections.deque(tensors, maxlen=0)
+        return None
+    planned = [Planned(n, d, s) for n, s, d in stream.hf_plan(bridge, placement, prefix)]
+    with staged_directory(destination, force=force, source=None) as staging:
+        writer = StreamingWriter(staging, plan_shards(planned, max_shard_bytes))
+        try:
+            for name, tensor in tensors:
+                writer.write(name, tensor)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        write_index(staging, writer.weight_map, writer.bytes_written)
+        copy_hf_config(Path(config_dir), staging)
+    return Report(0, len(planned), writer.bytes_written)
 
 
 class Requantize(OutputStage):

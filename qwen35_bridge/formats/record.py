@@ -112,3 +112,18 @@ def restore_hf_files(megatron_dir: Path, staging: Path, *, quantized: bool) -> N
     for name in KEPT_HF_FILES:
         if (Path(megatron_dir) / f"hf_{name}").is_file():
             shutil.copyfile(Path(megatron_dir) / f"hf_{name}", staging / name)
+
+
+def copy_hf_config(hf_dir: Path, staging: Path) -> None:
+    """An HF folder's config (without `quantization_config`: the tensors written are not
+    quantised) and generation config, beside freshly written HF tensors."""
+    path = Path(hf_dir) / CONFIG_NAME
+    try:
+        config = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: cannot read the HF config ({e})") from None
+    config.pop("quantization_config", None)
+    (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    for name in KEPT_HF_FILES:
+        if (Path(hf_dir) / name).is_file():
+            shutil.copyfile(Path(hf_dir) / name, staging / name)

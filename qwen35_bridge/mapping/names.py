@@ -43,3 +43,19 @@ def expert_of(name: str) -> int | None:
 def renumber_expert(name: str, offset: int) -> str:
     """`name` with its grouped expert number moved by `offset` (local <-> global)."""
     return GROUPED_EXPERT.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + offset}", name)
+
+
+#: A packed HF expert tensor (`...mlp.experts.gate_up_proj`, `...mlp.experts.down_proj`).
+PACKED_EXPERTS = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+#: The per-expert HF tensors one packed tensor holds for each expert, in its row order.
+PER_EXPERT_PROJECTIONS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
+def per_expert_hf(packed: str, expert: int) -> tuple[str, ...]:
+    """The per-expert HF names of `expert` within a packed tensor: `gate_up_proj` holds each
+    expert's `gate_proj` rows then its `up_proj` rows, `down_proj` its `down_proj`."""
+    match = PACKED_EXPERTS.match(packed)
+    if match is None:
+        raise ValueError(f"{packed}: not a packed expert tensor")
+    projections = PER_EXPERT_PROJECTIONS[match["proj"]]
+    return tuple(f"{match['prefix']}.{expert}.{p}.weight" for p in projections)

@@ -53,8 +53,10 @@ def build_gpt_model(
     rotary_percent: float,
     rotary_base: float,
     share_embeddings_and_output_weights: bool,
+    vp_stage: int | None = None,
 ) -> GPTModel:
-    """This pipeline stage's ``GPTModel`` from the hybrid spec, with MTP on the last stage.
+    """This pipeline stage's ``GPTModel`` (its virtual-pipeline chunk `vp_stage`, when the
+    pipeline is interleaved) from the hybrid spec, with MTP on the last stage's last chunk.
 
     Parallel state must be initialised first (``parallel.init_parallel``).
     """
@@ -68,25 +70,26 @@ def build_gpt_model(
 
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     block_spec = get_transformer_block_with_experimental_attention_variant_spec(
-        config, pp_rank=pp_rank
+        config, vp_stage=vp_stage, pp_rank=pp_rank
     )
     mtp_spec = None
     if config.mtp_num_layers:
         mtp_spec = get_gpt_mtp_block_spec(
-            config, block_spec, use_transformer_engine=True, pp_rank=pp_rank
+            config, block_spec, use_transformer_engine=True, vp_stage=vp_stage, pp_rank=pp_rank
         )
     return GPTModel(
         config=config,
         transformer_layer_spec=block_spec,
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=share_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_percent=rotary_percent,
         rotary_base=rotary_base,
         mtp_block_spec=mtp_spec,
+        vp_stage=vp_stage,
     )
 
 

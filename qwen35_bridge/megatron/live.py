@@ -1,4 +1,4 @@
-"""Load HF weights into a live, possibly TP/PP/EP-sharded megatron-core model, and export them back.
+"""Load HF weights into a live, possibly TP/PP/EP-sharded megatron-core model (`stream` exports).
 
 A rank's parameters are named here by their global names (the names of the bridge's table): the
 decoder layer's global number instead of its index in this pipeline stage, the global expert index
@@ -8,11 +8,10 @@ from every group exactly the slices it holds, with the group's tensor-parallel s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Union
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from qwen35_bridge.errors import ConversionError
@@ -23,9 +22,30 @@ if TYPE_CHECKING:
     from qwen35_bridge.mapping.table import MappingTable
 
 
-def global_parameters(model: torch.nn.Module, prefix: str) -> dict[str, list[torch.nn.Parameter]]:
-    """This rank's parameters under their global names (no `_extra_state`). A name holds several
-    parameters when a pipeline stage keeps a copy of the tied embedding for its output layer."""
+Model = Union[torch.nn.Module, Sequence[torch.nn.Module]]
+
+
+def model_chunks(model: Model) -> list[torch.nn.Module]:
+    """The model chunks training code holds, unwrapped: a model or its virtual-pipeline chunks,
+    each possibly inside megatron-core's DDP and Float16Module."""
+    from megatron.core.utils import unwrap_model
+
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    return list(unwrap_model(chunks))
+
+
+def global_parameters(model: Model, prefix: str) -> dict[str, list[torch.nn.Parameter]]:
+    """This rank's parameters, of every chunk, under their global names (no `_extra_state`). A
+    name holds several parameters when a pipeline stage keeps a copy of the tied embedding for
+    its output layer."""
+    params: dict[str, list[torch.nn.Parameter]] = {}
+    for chunk in model_chunks(model):
+        for name, copies in _chunk_parameters(chunk, prefix).items():
+            params.setdefault(name, []).extend(copies)
+    return params
+
+
+def _chunk_parameters(model: torch.nn.Module, prefix: str) -> dict[str, list[torch.nn.Parameter]]:
     from megatron.core import parallel_state
 
     layer_numbers = {}
@@ -63,7 +83,7 @@ def _tp_rank_and_size(name: str) -> tuple[int, int]:
 @torch.no_grad()
 def load(
     bridge: MappingTable,
-    model: torch.nn.Module,
+    model: Model,
     read: Callable[[str], Tensor],
     *,
     prefix: str,
@@ -93,7 +113,7 @@ def load(
 
 @torch.no_grad()
 def load_megatron(
-    bridge: MappingTable, model: torch.nn.Module, read: Callable[[str], Tensor], *, prefix: str
+    bridge: MappingTable, model: Model, read: Callable[[str], Tensor], *, prefix: str
 ) -> None:
     """Fill `model` from full Megatron tensors (global names) given by `read(name)`."""
     params = global_parameters(model, prefix)
@@ -107,34 +127,6 @@ def load_megatron(
         _copy_into(param, splits[name].shard(read(name), rank, size), name)
 
 
-@torch.no_grad()
-def export(bridge: MappingTable, model: torch.nn.Module, *, prefix: str) -> dict[str, Tensor]:
-    """The full (unsharded) Megatron tensors of the whole model, on every rank, by global name."""
-    params = global_parameters(model, prefix)
-    splits = bridge.splits
-    mine: dict[str, Tensor] = {}
-    for name, copies in params.items():
-        rank, size = _tp_rank_and_size(name)
-        tensor = copies[0].detach()
-        if size > 1 and splits[name].dim is not None:
-            tensor = splits[name].merge(_gather(tensor, name))
-        if rank == 0:
-            mine[name] = tensor.clone()
-    everything: dict[str, Tensor] = {}
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        parts: list[dict[str, Tensor] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, mine)
-        for part in parts:
-            everything.update(part or {})
-    else:
-        everything = mine
-    expected = [name for name in bridge.megatron_shapes if name.startswith(prefix)]
-    missing = [name for name in expected if name not in everything]
-    if missing:
-        raise ConversionError(f"{missing[0]}: no rank of the model holds this tensor")
-    return {name: everything[name] for name in expected}
-
-
 def _copy_into(params: list[torch.nn.Parameter], piece: Tensor, name: str) -> None:
     for param in params:
         if tuple(piece.shape) != tuple(param.shape):
@@ -142,34 +134,3 @@ def _copy_into(params: list[torch.nn.Parameter], piece: Tensor, name: str) -> No
                 f"{name}: this rank's slice is {list(piece.shape)} but the model's parameter is {list(param.shape)}"
             )
         param.copy_(piece)
-
-
-def _gather(tensor: Tensor, name: str) -> list[Tensor]:
-    from megatron.core import parallel_state as ps
-
-    group = (
-        ps.get_expert_tensor_parallel_group()
-        if names.is_expert(name)
-        else ps.get_tensor_model_parallel_group()
-    )
-    pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(pieces, tensor.contiguous(), group=group)
-    return pieces
-
-
-def to_hf(
-    bridge: MappingTable,
-    megatron: Mapping[str, Tensor],
-    *,
-    prefix: str,
-    options: ConvertOptions = ConvertOptions(),
-) -> dict[str, Tensor]:
-    """Convert full Megatron tensors to HF, group by group: every group under `prefix` (all of
-    them, for the empty prefix), each of whose tensors `megatron` must hold."""
-    out: dict[str, Tensor] = {}
-    for group in bridge.under(prefix):
-        missing = [name for name in group.megatron if name not in megatron]
-        if missing:
-            raise ConversionError(f"{missing[0]}: not among the model's tensors")
-        out.update(group.to_hf({name: megatron[name] for name in group.megatron}, options))
-    return out

@@ -23,13 +23,15 @@ def init_parallel(
     pp: int = 1,
     ep: int = 1,
     *,
+    vpp: int | None = None,
     sequence_parallel: bool = False,
     seed: int = 1234,
 ) -> dict[str, Any]:
     """Initialise Megatron's parallel state (and a world-size-1 gloo group if none exists).
 
     Returns the matching ``TransformerConfig`` keyword arguments, so the model's config and the
-    process groups cannot disagree.
+    process groups cannot disagree. With `vpp` (virtual pipeline chunks per stage), a bridge's
+    `build_model` returns the list of this stage's chunks.
     """
     global _owns_process_group
     if sequence_parallel and tp == 1:
@@ -47,6 +49,7 @@ def init_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
+        virtual_pipeline_model_parallel_size=vpp,
     )
     seed_rng_tracker(seed)
     return {
@@ -54,6 +57,7 @@ def init_parallel(
         "pipeline_model_parallel_size": pp,
         "expert_model_parallel_size": ep,
         "sequence_parallel": sequence_parallel,
+        **({"virtual_pipeline_model_parallel_size": vpp} if vpp else {}),
     }
 
 

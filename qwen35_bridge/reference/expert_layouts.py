@@ -13,10 +13,12 @@ from typing import Literal
 
 import torch
 
+from qwen35_bridge.mapping import names
+
 ExpertsLayout = Literal["packed", "per_expert"]
 EXPERTS_LAYOUTS: tuple[str, ...] = ("packed", "per_expert")
 
-_PACKED = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+_PACKED = names.PACKED_EXPERTS
 _PER_EXPERT = re.compile(
     r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
 )

@@ -159,3 +159,103 @@ def vl_logits_on_rank(
     finally:
         destroy_parallel()
     return logits.numpy(), [m.numpy() for m in mtp]
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """What one rank received from `iter_hf`: names in arrival order, those whose tensor is not
+    bit-identical to the source checkpoint's (in the layout asked for), and bucket sizes."""
+
+    rank: int
+    names: list[str]
+    mismatched: list[str]
+    bucket_bytes: list[int]
+    chunks: int
+
+
+def stream_on_rank(
+    hf_dir: Path,
+    bridge_dir: Path,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    vpp: int | None = None,
+    wrapped: bool = False,
+    experts: str | None = None,
+    receiver: int | None = None,
+    bucket_bytes: int | None = None,
+) -> StreamResult:
+    """Build the model at the given parallelism (bf16 inside megatron-core's DDP and
+    Float16Module when `wrapped`), load the HF checkpoint, and stream it back with `iter_hf`."""
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    import torch.distributed as dist
+
+    from qwen35_bridge.formats.safetensors.reader import CheckpointReader
+    from qwen35_bridge.megatron.parallel import destroy_parallel, init_parallel
+    from qwen35_bridge.reference.expert_layouts import unpack_experts
+    from qwen35_codegen.registry.lookup import bridge_for_checkpoint
+
+    bridge, _spec, _source = bridge_for_checkpoint(
+        Path(hf_dir), bridge_dir=Path(bridge_dir), quiet=True
+    )
+    with CheckpointReader(Path(hf_dir)) as reader:
+        expected = {name: reader.get(name).clone() for name in sorted(reader.names())}
+    if experts == "per_expert":
+        expected = unpack_experts(expected)
+    parallel = init_parallel(tp, pp, ep, vpp=vpp)
+    try:
+        dtype = torch.bfloat16 if wrapped else torch.float32
+        model = bridge.build_model(params_dtype=dtype, **parallel)
+        chunks = model if isinstance(model, list) else [model]
+        bridge.load_hf(model, hf_dir)
+        if wrapped:
+            model = [_wrap_for_training(chunk) for chunk in chunks]
+            model = model if isinstance(chunks, list) and len(chunks) > 1 else model[0]
+        names, mismatched, sizes = [], [], []
+        stream = bridge.iter_hf(
+            model, experts=experts, receiver=receiver, bucket_bytes=bucket_bytes
+        )
+        for item in stream:
+            pairs = item if bucket_bytes else [item]
+            if bucket_bytes:
+                sizes.append(sum(t.numel() * t.element_size() for _, t in pairs))
+            for name, tensor in pairs:
+                names.append(name)
+                want = expected.get(name)
+                if want is None or tensor.dtype != want.dtype or not torch.equal(tensor, want):
+                    mismatched.append(name)
+        rank = dist.get_rank()
+    finally:
+        destroy_parallel()
+    return StreamResult(rank, names, mismatched, sizes, len(chunks))
+
+
+def _wrap_for_training(chunk: torch.nn.Module) -> torch.nn.Module:
+    """A model chunk as a Megatron trainer holds it: Float16Module inside megatron-core's DDP."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    config = chunk.config
+    return DistributedDataParallel(
+        config, DistributedDataParallelConfig(), Float16Module(config, chunk)
+    )
+
+
+def save_on_rank(hf_dir: Path, bridge_dir: Path, destination: Path, *, pp: int = 1, ep: int = 1):
+    """Load the checkpoint at the given parallelism and write it back with `save_hf` (rank 0)."""
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    from qwen35_bridge.megatron.parallel import destroy_parallel, init_parallel
+    from qwen35_codegen.registry.lookup import bridge_for_checkpoint
+
+    bridge, _spec, _source = bridge_for_checkpoint(
+        Path(hf_dir), bridge_dir=Path(bridge_dir), quiet=True
+    )
+    parallel = init_parallel(1, pp, ep)
+    try:
+        model = bridge.build_model(**parallel)
+        bridge.load_hf(model, hf_dir)
+        report = bridge.save_hf(model, destination, config_dir=hf_dir, max_shard_bytes=300_000)
+    finally:
+        destroy_parallel()
+    return None if report is None else report.tensors_written
