@@ -19,6 +19,9 @@ MODULES = {
     "Qwen/Qwen3.5-4B": "qwen3_5_4b",
     "Qwen/Qwen3.5-9B": "qwen3_5_9b",
     "Qwen/Qwen3.6-27B": "qwen3_6_27b",
+    "Qwen/Qwen3.6-35B-A3B": "qwen3_6_35b_a3b",
+    "Qwen/Qwen3.8-2.4T-A95B": "qwen3_8_2_4t_a95b",
+    "Qwen/Qwen3.8-27B": "qwen3_8_27b",
 }
 
 

@@ -57,7 +57,7 @@ def test_diff_of_a_re_release_shows_only_its_record(capsys) -> None:
     spec, keys, code = sections(run(capsys, "diff", "Qwen/Qwen3.5-27B", "Qwen/Qwen3.6-27B"))
     assert "- source: catalog:Qwen/Qwen3.5-27B -> catalog:Qwen/Qwen3.6-27B" in spec
     assert any(
-        line.startswith("- provenance: catalog, reconstructed:")
+        line.startswith("- provenance: catalog, verbatim: the original config.json as ")
         and line.endswith("-> catalog, verbatim: the original config.json")
         for line in spec
     )
@@ -68,7 +68,9 @@ def test_diff_of_a_re_release_shows_only_its_record(capsys) -> None:
         line[1:] for line in code if line[:1] in "+-" and not line.startswith(("+++", "---"))
     ]
     assert changed and all(
-        re.search(r"Qwen3\.[56]-27B|^# config sha256: |^Config: ", line) for line in changed
+        # the model id, the config's checksum, and the Config paragraph (wrapped over lines)
+        re.search(r"Qwen3\.[56]-27B|^# config sha256: |^Config: |^0b077da5e; |^the Hub\.$", line)
+        for line in changed
     ), changed
     assert {'MODEL_ID = "Qwen/Qwen3.5-27B"', 'MODEL_ID = "Qwen/Qwen3.6-27B"'} <= set(changed)
 
@@ -298,7 +300,7 @@ def test_summary_of_a_dense_model(capsys) -> None:
     assert out.startswith(
         "## Bridge for Qwen/Qwen3.5-27B: `qwen35_bridge/generated/qwen3_5_27b.py`\n"
     )
-    assert "**Config:** catalog, reconstructed: published dimensions" in out
+    assert "**Config:** catalog, verbatim: the original config.json as ai-dynamo" in out
     assert (
         "64 layers = 16 x (3 x GatedDeltaNet + 1 x gated attention), dense SwiGLU MLP 17408" in out
     )
@@ -322,7 +324,7 @@ def test_summary_of_a_dense_model(capsys) -> None:
 
 def test_summary_of_a_moe_model(capsys) -> None:
     out = run(capsys, "summary", "catalog:Qwen/Qwen3.5-35B-A3B")
-    assert "**Config:** catalog, re-serialised:" in out
+    assert "**Config:** catalog, verbatim:" in out
     assert "MoE (every layer): 256 experts, top-8, expert 512, gated shared expert 512" in out
     assert f"| GatedDeltaNet + MoE | 30 | {gdn_layers(40)} |" in out
     assert f"| gated attention + MoE | 10 | {attention_layers(40)} |" in out
@@ -341,7 +343,7 @@ def test_summary_of_an_fp8_model_says_what_the_manifest_leaves_out(capsys) -> No
 
 def test_summary_refuses_what_generate_refuses(capsys, tmp_path: Path) -> None:
     shutil.copy(
-        Path(checkout.REPO_ROOT / "qwen35_codegen/catalog/Qwen__Qwen3.5-35B-A3B.repr.json"),
+        Path(checkout.REPO_ROOT / "qwen35_codegen/catalog/Qwen__Qwen3.5-35B-A3B.json"),
         tmp_path / "config.json",
     )
     assert main(["summary", str(tmp_path)]) == 2
@@ -353,7 +355,8 @@ def test_committed_summaries_are_what_summary_prints(capsys) -> None:
     from qwen35_codegen import catalog
 
     for model_id in catalog.model_ids():
-        assert main(["summary", f"catalog:{model_id}"]) == 0
         entry = bridge_index.read(checkout.GENERATED)[model_id]
+        options = [w for k, v in entry.options.items() for w in (f"--{k.replace('_', '-')}", v)]
+        assert main(["summary", f"catalog:{model_id}", *options]) == 0
         committed = (checkout.GENERATED / f"{entry.module}.md").read_text()
         assert capsys.readouterr().out == committed, model_id

@@ -61,6 +61,11 @@ VARIANTS = {
         },
     ),
     "tied": Variant("Qwen/Qwen3.5-4B"),
+    # Qwen3.8: Qwen3_5MoeForCausalLM with a flat config (weights under model.), carrying
+    # output_gate_type "swish" and mtp_use_dedicated_embeddings false.
+    "qwen3.8-flat-moe": Variant(
+        "Qwen/Qwen3.8-2.4T-A95B", {"experts_layout": "packed", "mtp_experts_layout": "packed"}
+    ),
 }
 
 

@@ -188,7 +188,8 @@ def test_parameter_counts_follow_the_configs() -> None:
 
 @pytest.mark.parametrize("model_id", MODEL_IDS)
 def test_total_is_near_the_size_in_the_name(model_id: str) -> None:
-    billions = float(re.search(r"-(\d+(?:\.\d+)?)B", model_id).group(1))
+    size = re.search(r"-(\d+(?:\.\d+)?)([BT])", model_id)
+    billions = float(size.group(1)) * (1000 if size.group(2) == "T" else 1)
     assert (
         0.9 * billions
         <= committed_manifest(model_id)["parameters"]["total"] / 1e9

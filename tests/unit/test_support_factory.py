@@ -37,7 +37,7 @@ from tests.support.tiny import schedule_period, text_config_of
 
 QWEN36_27B = "Qwen__Qwen3.6-27B.json"
 QWEN35_4B = "Qwen__Qwen3.5-4B.repr.json"
-QWEN35_35B = "Qwen__Qwen3.5-35B-A3B.repr.json"
+QWEN35_35B = "Qwen__Qwen3.5-35B-A3B.json"
 QWEN35_08B = "Qwen__Qwen3.5-0.8B.partial.json"
 NEXT = "Qwen__Qwen3-Next-80B-A3B-Instruct.json"
 NEXT_FP8 = "Qwen__Qwen3-Next-80B-A3B-Instruct-FP8.repr.json"
