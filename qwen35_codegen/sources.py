@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qwen35_bridge.errors import ConversionError
+from qwen35_bridge.formats.modelopt import refuse_modelopt
 from qwen35_bridge.formats.safetensors.header import read_header
 from qwen35_bridge.paths import CONFIG_NAME, INDEX_NAME, SINGLE_FILE_NAME
 from qwen35_codegen import catalog
@@ -89,6 +90,7 @@ def _from_path(path: Path, index: Path | None, repo_root: Path | None) -> Source
         raise SourceError(f"{path}: no {CONFIG_NAME} in this directory")
     directory = config_path.parent
     config, config_sha = _read_config(config_path)
+    refuse_modelopt(directory, config)
     weight_map, index_sha = _read_index(index) if index else _index_beside(directory)
     return Source(
         kind="path",

@@ -10,6 +10,7 @@ float8 weight in a module the config says is not converted, is an error naming t
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import torch
@@ -68,10 +69,17 @@ def quantize(
     return q, scale
 
 
+# A pattern ends at a module boundary: `layers.1` names `layers.1.mlp`, not `layers.11.mlp`.
+_BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
+
+
 def not_converted(name: str, modules: Sequence[str]) -> bool:
-    """Whether `name` belongs to a module the config lists in `modules_to_not_convert`."""
+    """Whether tensor `name` belongs to a module `modules_to_not_convert` leaves unquantised, by
+    transformers' rule (5.24, `should_convert_module`): a pattern matches the module name from
+    its start up to a module boundary, also as a regex (`model.layers.*.self_attn`), or as a
+    suffix (`lm_head`). A release that quantises only its routed experts lists the rest so."""
     module = name.rsplit(".", 1)[0]
-    return any(module == m or module.startswith(m + ".") for m in modules)
+    return any(re.match(rf"(?:{m}){_BOUNDARY}", module) or module.endswith(m) for m in modules)
 
 
 class DequantizingReader:

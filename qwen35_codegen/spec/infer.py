@@ -611,12 +611,18 @@ def _quantization(
     if not isinstance(raw, Mapping):
         raise ConfigError("quantization_config", raw, "a JSON object")
     q = _Context(raw, "quantization_config.")
+    method = q.require("quant_method")
+    if method != "fp8":
+        algo = f" {raw['quant_algo']}" if raw.get("quant_algo") else ""
+        raise ConfigError(
+            q.name("quant_method"),
+            f"{method}{algo}",
+            "'fp8' (block-quantised e4m3); ModelOpt (NVFP4, MXFP8, ...), compressed-tensors and "
+            "other quantised formats are not supported",
+        )
     for key in raw:
         if key not in keys.QUANTIZATION_KEYS:
             raise ConfigError(q.name(key), raw[key], "a known FP8 quantization key")
-    q.check_value("quant_method", "fp8")
-    if q.require("quant_method") != "fp8":
-        raise ConfigError(q.name("quant_method"), raw["quant_method"], "'fp8'")
     if q.require("fmt") != "e4m3":
         raise ConfigError(q.name("fmt"), raw["fmt"], "'e4m3'")
     block = q.require("weight_block_size")

@@ -19,6 +19,8 @@ from qwen35_codegen.cli.main import main
 DENSE = catalog.entry("Qwen/Qwen3.6-27B").config
 MOE = catalog.entry("Qwen/Qwen3.5-35B-A3B").config
 NEXT = catalog.entry("Qwen/Qwen3-Next-80B-A3B-Instruct").config
+# Qwen3.8: a flat qwen3_5_moe_text config with the fields the newest releases carry.
+QWEN38 = catalog.entry("Qwen/Qwen3.8-2.4T-A95B").config
 
 
 def edited(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
@@ -106,6 +108,16 @@ CASES = {
         edited(DENSE, text_config__mtp_use_dedicated_embeddings=True),
         ["text_config.mtp_use_dedicated_embeddings"],
     ),
+    # transformers 5.24 computes the GDN norm gate with silu (`swish`) only: another value
+    # would change the forward, so it is refused by name (here on the flat Qwen3.8 config).
+    "GDN output gate activation": (
+        edited(QWEN38, output_gate_type="sigmoid"),
+        ["config field output_gate_type: 'sigmoid'", "'swish'"],
+    ),
+    "dedicated MTP embeddings, flat config": (
+        edited(QWEN38, mtp_use_dedicated_embeddings=True),
+        ["config field mtp_use_dedicated_embeddings: True", "False"],
+    ),
     "activation": (
         edited(DENSE, text_config__hidden_act="gelu"),
         ["text_config.hidden_act", "'gelu'", "'silu'"],
@@ -158,6 +170,13 @@ CASES = {
             },
         ),
         ["quantization_config.fmt", "e5m2"],
+    ),
+    "ModelOpt quantization_config": (
+        edited(
+            QWEN38,
+            quantization_config={"quant_method": "modelopt", "quant_algo": "NVFP4"},
+        ),
+        ["ModelOpt NVFP4 checkpoint", "quant_method modelopt", "not supported"],
     ),
     "not JSON": ("{not json", ["not valid JSON"]),
     "JSON array": ("[1, 2]", ["expected a JSON object"]),
@@ -342,3 +361,28 @@ def test_a_config_nested_past_the_parsers_depth(tmp_path, capsys) -> None:
     (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     assert main(["inspect", str(tmp_path)]) == 2
     assert "config.json: not valid JSON" in capsys.readouterr().err
+
+
+MODELOPT_MARKER = {
+    "producer": {"name": "modelopt", "version": "0.33.0"},
+    "quantization": {"quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head"]},
+}
+
+
+def test_a_modelopt_nvfp4_folder_is_refused_by_name(tmp_path: Path, capsys) -> None:
+    """An NVFP4 export carries `hf_quant_config.json` beside a config that may say nothing."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "hf_quant_config.json").write_text(json.dumps(MODELOPT_MARKER))
+    code, err = run_generate(tmp_path, QWEN38, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "NVIDIA ModelOpt NVFP4 checkpoint" in err and "hf_quant_config.json" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_quantization_config_of_another_method_names_it() -> None:
+    from qwen35_codegen.errors import ConfigError
+    from qwen35_codegen.spec import infer_spec
+
+    config = edited(QWEN38, quantization_config={"quant_method": "compressed-tensors"})
+    with pytest.raises(ConfigError, match="quant_method: 'compressed-tensors'; expected 'fp8'"):
+        infer_spec(config)

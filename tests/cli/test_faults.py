@@ -482,3 +482,15 @@ def test_a_config_with_a_byte_order_mark_converts_both_ways(source, tmp_path):
     args = ["convert", "megatron-to-hf", str(tmp_path / "m"), str(tmp_path / "back"), "--quiet"]
     assert main(args) == 0
     assert json.loads((tmp_path / "back" / "config.json").read_bytes()) == json.loads(config)
+
+
+def test_a_modelopt_checkpoint_is_refused_before_any_tensor_is_read(source, tmp_path, capsys):
+    """The same tensors with ModelOpt's marker: its layout would be converted wrongly, so the
+    command line and the runtime's own loader both stop, naming the format."""
+    marker = {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "NVFP4"}}
+    (source / "hf_quant_config.json").write_text(json.dumps(marker))
+    convert_fails(source, tmp_path, capsys, "NVIDIA ModelOpt NVFP4 checkpoint")
+    from qwen35_bridge.formats.safetensors.reader import CheckpointReader
+
+    with pytest.raises(ConversionError, match="ModelOpt NVFP4"):
+        CheckpointReader(source)

@@ -3,7 +3,9 @@ consumed, exported in bf16 (config without quantization_config) or, on request, 
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -21,12 +23,31 @@ from tests.support import (
 )
 
 BLOCK = 16  # the tiny config's weight_block_size
+RELEASE = "Qwen/Qwen3-Next-80B-A3B-Instruct-FP8"
+# A scope that quantises the decoder's routed experts only, written as releases write it:
+# regexes and suffixes, matched by transformers' rule (qwen35_bridge.formats.fp8.not_converted).
+EXPERTS_ONLY = [
+    "lm_head",
+    r"model\.layers\.\d+\.(self_attn|linear_attn)",
+    r"model\.layers\.\d+\.mlp\.shared_expert",
+    "mlp.gate",
+    "mlp.shared_expert_gate",
+    "mtp",
+]
+ROUTED_EXPERT = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
 
 
-@pytest.fixture(scope="module")
-def fp8(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fp8")
-    config = catalog.entry("Qwen/Qwen3-Next-80B-A3B-Instruct-FP8").config
+def scoped_config(scope: str) -> dict:
+    config = copy.deepcopy(catalog.entry(RELEASE).config)
+    if scope == "experts-only":
+        config["quantization_config"]["modules_to_not_convert"] = EXPERTS_ONLY
+    return config
+
+
+@pytest.fixture(scope="module", params=["release", "experts-only"])
+def fp8(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"fp8-{request.param}")
+    config = scoped_config(request.param)
     checkpoint = make_checkpoint(
         tmp / "hf", config, seed=8, experts_layout="per_expert", dtype=torch.bfloat16
     )
@@ -51,6 +72,20 @@ def test_the_source_really_is_fp8(fp8):
     assert json.loads((checkpoint.path / "config.json").read_text())["quantization_config"][
         "weight_block_size"
     ] == [BLOCK, BLOCK]
+
+
+def test_an_experts_only_scope_quantises_exactly_the_routed_experts(tmp_path: Path):
+    checkpoint = make_checkpoint(
+        tmp_path / "hf",
+        scoped_config("experts-only"),
+        seed=3,
+        experts_layout="per_expert",
+        dtype=torch.bfloat16,
+    )
+    with CheckpointReader(checkpoint.path) as reader:
+        quantized = {n for n in reader.names() if reader.dtype(n) == torch.float8_e4m3fn}
+        weights = {n for n in reader.names() if n.endswith(".weight")}
+    assert quantized == {n for n in weights if ROUTED_EXPERT.match(n)} and quantized
 
 
 def test_record_lists_the_fp8_tensors(fp8):
@@ -160,8 +195,16 @@ def test_dequantizing_to_float32_names_the_mixed_group_and_the_fix(fp8, tmp_path
     _tmp, checkpoint = fp8
     destination = tmp_path / "m"
     args = ["convert", "hf-to-megatron", str(checkpoint.path), str(destination), "--quiet"]
-    assert main([*args, "--dequantize-to", "float32", "--bridge-dir", str(tmp_path / "b")]) == 2
+    code = main([*args, "--dequantize-to", "float32", "--bridge-dir", str(tmp_path / "b")])
     err = capsys.readouterr().err
+    with CheckpointReader(checkpoint.path) as reader:
+        mixed = (
+            reader.dtype("model.layers.0.linear_attn.in_proj_qkvz.weight") == torch.float8_e4m3fn
+        )
+    if not mixed:  # experts only: every group is all FP8 or all bf16, so float32 is possible
+        assert code == 0, err
+        return
+    assert code == 2
     assert "in_proj_qkvz.weight is dequantised to torch.float32" in err, err
     assert "pass --dequantize-to bfloat16" in err
     assert not destination.exists()

@@ -19,6 +19,7 @@ import torch
 
 from qwen35_bridge.errors import ConversionError
 from qwen35_bridge.formats import dtypes
+from qwen35_bridge.formats.modelopt import refuse_modelopt
 from qwen35_bridge.formats.safetensors import header
 from qwen35_bridge.paths import INDEX_NAME, SINGLE_FILE_NAME
 
@@ -52,6 +53,7 @@ class CheckpointReader:
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
+        refuse_modelopt(self.directory)
         self._fds: dict[str, int] = {}
         self.metadata: dict[str, Any] = {}
         self.tensors: dict[str, TensorInfo] = {}
