@@ -29,6 +29,7 @@ from qwen35_bridge.formats.record import (
     copy_hf_config,
     keep_hf_files,
     restore_hf_files,
+    write_hf_config,
 )
 from qwen35_bridge.formats.safetensors.reader import CheckpointReader
 from qwen35_bridge.formats.safetensors.writer import (
@@ -71,6 +72,7 @@ class Report:
     tensors_read: int
     tensors_written: int
     bytes_written: int
+    ignored: tuple[str, ...] = ()  # source keys left out on purpose (a trainer's optimizer state)
 
 
 def check_source(reader: TensorReader, expected: Mapping[str, Shape], what: str) -> None:
@@ -344,6 +346,44 @@ def live_to_hf(
         write_index(staging, writer.weight_map, writer.bytes_written)
         copy_hf_config(Path(config_dir), staging)
     return Report(0, len(planned), writer.bytes_written)
+
+
+def training_to_hf(
+    bridge: BridgeBase,
+    source: Path,
+    destination: Path,
+    *,
+    config: dict[str, Any],
+    config_dir: Path | None = None,
+    iteration: int | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    force: bool = False,
+    progress: Progress = Progress(),
+    options: ConvertOptions = ConvertOptions(),
+) -> Report:
+    """A trainer's torch_dist checkpoint (a Megatron-LM or Megatron-Bridge run root, or one of
+    its iteration folders) -> HF shards, index and `config`. The model's tensors must be exactly
+    the bridge's; optimizer and RNG state are never read and are listed in the report."""
+    from qwen35_bridge.formats import torch_dist
+    from qwen35_bridge.formats.megatron_lm import resolve_iteration
+
+    folder = resolve_iteration(Path(source), iteration)
+    with torch_dist.Reader(bridge, folder, training=True) as reader:
+        check_source(reader, bridge.megatron_shapes, "Megatron")
+        with staged_directory(destination, force=force, source=Path(source)) as staging:
+            report = convert_directory(
+                bridge.groups,
+                reader,
+                staging,
+                lambda g, ts: g.to_hf(ts, options),
+                source_side="megatron",
+                target_side="hf",
+                max_shard_bytes=max_shard_bytes,
+                index_metadata={},
+                progress=progress,
+            )
+            write_hf_config(config, staging, config_dir)
+        return replace(report, ignored=tuple(reader.ignored))
 
 
 class Requantize(OutputStage):

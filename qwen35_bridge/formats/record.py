@@ -122,8 +122,14 @@ def copy_hf_config(hf_dir: Path, staging: Path) -> None:
         config = json.loads(path.read_bytes())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConversionError(f"{path}: cannot read the HF config ({e})") from None
-    config.pop("quantization_config", None)
+    write_hf_config(config, staging, Path(hf_dir))
+
+
+def write_hf_config(config: dict[str, Any], staging: Path, hf_dir: Path | None = None) -> None:
+    """`config` (without `quantization_config`) as the HF config of freshly written tensors, with
+    the generation config of `hf_dir` when it has one."""
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
     (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     for name in KEPT_HF_FILES:
-        if (Path(hf_dir) / name).is_file():
+        if hf_dir is not None and (Path(hf_dir) / name).is_file():
             shutil.copyfile(Path(hf_dir) / name, staging / name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,15 +11,16 @@ import torch
 
 from qwen35_bridge import offline
 from qwen35_bridge.errors import ConversionError
-from qwen35_bridge.formats.record import Record
+from qwen35_bridge.formats.record import RECORD_NAME, Record
 from qwen35_bridge.mapping.kinds import ConvertOptions
+from qwen35_codegen import checkout, sources
 from qwen35_codegen.cli.progress import for_terminal
 from qwen35_codegen.registry.lookup import (
     bridge_for_checkpoint,
     bridge_for_spec,
     recorded_spec,
 )
-from qwen35_codegen.spec import ModelSpec
+from qwen35_codegen.spec import LayoutChoices, ModelSpec, infer_spec
 
 
 def hf_to_megatron(
@@ -68,7 +70,29 @@ def megatron_to_hf(
     force: bool = False,
     max_shard_bytes: int,
     quiet: bool = False,
+    hf_config: str | None = None,
+    iteration: int | None = None,
 ) -> offline.Report:
+    if not (src / RECORD_NAME).is_file():
+        return _training_to_hf(
+            src,
+            dst,
+            hf_config=hf_config,
+            iteration=iteration,
+            experts=experts,
+            mtp_experts=mtp_experts,
+            fp8=fp8,
+            allow_norm_rounding=allow_norm_rounding,
+            bridge_dir=bridge_dir,
+            force=force,
+            max_shard_bytes=max_shard_bytes,
+            quiet=quiet,
+        )
+    if hf_config is not None or iteration is not None:
+        raise ConversionError(
+            f"--hf-config/--iteration: {src} was written by codegen convert, whose record names "
+            "its model; they are for a trainer's checkpoint"
+        )
     record, spec = recorded_spec(src)
     spec = _with_layouts(spec, experts, mtp_experts)
     if fp8 and spec.quantization is None:
@@ -89,6 +113,59 @@ def megatron_to_hf(
         fp8_tensors=record.fp8_tensors,
         options=ConvertOptions(allow_norm_rounding=allow_norm_rounding),
     )
+
+
+def _training_to_hf(
+    src: Path,
+    dst: Path,
+    *,
+    hf_config: str | None,
+    iteration: int | None,
+    experts: str | None,
+    mtp_experts: str | None,
+    fp8: bool,
+    allow_norm_rounding: bool,
+    bridge_dir: Path | None,
+    force: bool,
+    max_shard_bytes: int,
+    quiet: bool,
+) -> offline.Report:
+    """A trainer's checkpoint: it records no model, so `--hf-config` names it (a folder with a
+    config.json, an HF checkpoint, or any generator reference) and picks the bridge."""
+    if hf_config is None:
+        raise ConversionError(
+            f"{src}: no {RECORD_NAME}, so not written by codegen convert; for a trainer's "
+            "checkpoint (Megatron-LM or Megatron-Bridge run) pass --hf-config DIR|REF naming the model"
+        )
+    if fp8:
+        raise ConversionError("--fp8: a trainer's checkpoint records no FP8 scope to restore")
+    source = sources.resolve(hf_config, repo_root=checkout.REPO_ROOT)
+    choices = LayoutChoices(experts=experts, mtp_experts=mtp_experts)
+    spec = infer_spec(
+        source.config, weight_map=source.weight_map, statements=source.statements, choices=choices
+    )
+    spec = dataclasses.replace(spec, quantization=None)
+    bridge = bridge_for_spec(spec, source.model_id, bridge_dir=bridge_dir, quiet=quiet)
+    progress = for_terminal(f"{src.name} -> HF", quiet=quiet)
+    report = offline.training_to_hf(
+        bridge,
+        src,
+        dst,
+        config=source.config,
+        config_dir=source.directory,
+        iteration=iteration,
+        max_shard_bytes=max_shard_bytes,
+        force=force,
+        progress=progress,
+        options=ConvertOptions(allow_norm_rounding=allow_norm_rounding),
+    )
+    if report.ignored and not quiet:
+        print(
+            f"ignored {len(report.ignored)} optimizer and RNG tensors of the training state "
+            f"(never read; e.g. {report.ignored[0]})",
+            file=sys.stderr,
+        )
+    return report
 
 
 def _with_layouts(spec: ModelSpec, experts: str | None, mtp_experts: str | None) -> ModelSpec:

@@ -173,6 +173,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             mtp_experts=args.mtp_experts,
             fp8=args.fp8,
             allow_norm_rounding=args.accept_norm_rounding,
+            hf_config=args.hf_config,
+            iteration=args.iteration,
             **common,
         )
     if not args.quiet:
@@ -248,6 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_size,
         default="5GB",
         help="largest output shard (default 5GB)",
+    )
+    p.add_argument(
+        "--hf-config",
+        metavar="DIR|REF",
+        help="megatron-to-hf of a trainer's checkpoint (no codegen.json): the model, as a folder "
+        "with config.json, an HF checkpoint, or any generate REF",
+    )
+    p.add_argument(
+        "--iteration",
+        type=int,
+        help="megatron-to-hf of a run root: this iteration instead of the tracker's",
     )
     p.add_argument("--force", action="store_true", help="replace an existing destination")
     p.add_argument("--quiet", action="store_true", help="no progress or messages")

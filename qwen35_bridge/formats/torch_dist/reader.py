@@ -11,6 +11,7 @@ import math
 import mmap
 import os
 import pickle
+import re
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -340,10 +341,21 @@ def _tiling_region(pieces: list[Piece]) -> tuple[slice, ...] | None:
     return tuple(slice(o, e) for o, e in zip(first.offset, end))
 
 
+#: Keys of a trainer's checkpoint that are not the model: optimizer moments and master weights
+#: (`optimizer.state.exp_avg.<param>`, `chained_0.optimizer...` for chained optimizers) and RNG.
+TRAINING_STATE = re.compile(r"^(?:chained_\d+\.)?optimizer\.|^rng_state")
+
+
+def is_training_state(key: str) -> bool:
+    return TRAINING_STATE.match(key) is not None
+
+
 class Reader:
     """Full Megatron tensors (bridge names) read back from a torch_dist checkpoint, one at a time."""
 
-    def __init__(self, bridge: BridgeBase, directory: Path) -> None:
+    def __init__(self, bridge: BridgeBase, directory: Path, *, training: bool = False) -> None:
+        """`training`: the checkpoint is a trainer's, whose optimizer state (and RNG state)
+        keys are left out on purpose, never read, and counted in `ignored`."""
         self.directory = Path(directory)
         try:
             stored = _read_metadata(self.directory)
@@ -351,6 +363,9 @@ class Reader:
             raise ConversionError(
                 f"{directory}: not a readable torch_dist checkpoint ({e})"
             ) from None
+        self.ignored = sorted(k for k in stored if training and is_training_state(k))
+        for key in self.ignored:
+            del stored[key]
         plan = layout(bridge)
         self._pieces: dict[str, list[Piece]] = {}
         for piece in plan.pieces:
