@@ -1,6 +1,6 @@
 """A trainer's checkpoint back to HF: a Megatron-LM run (tracker + iter_0000001, model and
 optimizer state saved by megatron-core's own `dist_checkpointing.save` after a real optimizer
-step at TP=2) converts with `--hf-config` to exactly the trained weights, the optimizer state
+step at TP=2 and at EP=2) converts with `--hf-config` to exactly the trained weights, the optimizer state
 ignored and never read; a run missing its MTP block fails naming it."""
 
 from __future__ import annotations
@@ -43,10 +43,13 @@ def _export(run: Path, out: Path, hf_dir: Path, bridges: Path, *extra: str) -> i
     return main([*args, "--bridge-dir", str(bridges), *extra])
 
 
-def test_a_tp2_training_run_exports_the_trained_weights(hf, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("parallel", [dict(tp=2), dict(ep=2)], ids=["tp2", "ep2"])
+def test_a_training_run_exports_the_trained_weights(
+    hf, parallel: dict, tmp_path: Path, capsys
+) -> None:
     hf_dir, bridges, source = hf
     run = tmp_path / "run"
-    trained = run_ranks(partial(train_and_save_on_rank, tp=2), 2, hf_dir, bridges, run)[0]
+    trained = run_ranks(partial(train_and_save_on_rank, **parallel), 2, hf_dir, bridges, run)[0]
     assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
     # Trained GDN norms hold values whose g + 1 rounds: refused unless accepted, by name.
     assert _export(run, tmp_path / "strict", hf_dir, bridges, "--quiet") == 2
