@@ -209,9 +209,9 @@ def stream_on_rank(
         model = bridge.build_model(params_dtype=dtype, **parallel)
         chunks = model if isinstance(model, list) else [model]
         bridge.load_hf(model, hf_dir)
-        if wrapped:
-            model = [_wrap_for_training(chunk) for chunk in chunks]
-            model = model if isinstance(chunks, list) and len(chunks) > 1 else model[0]
+        if wrapped:  # as the trainer holds it: each chunk wrapped, a list only for VPP
+            wrapped_chunks = [_wrap_for_training(chunk) for chunk in chunks]
+            model = wrapped_chunks if isinstance(model, list) else wrapped_chunks[0]
         names, mismatched, sizes = [], [], []
         stream = bridge.iter_hf(
             model, experts=experts, receiver=receiver, bucket_bytes=bucket_bytes
