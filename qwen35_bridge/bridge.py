@@ -87,15 +87,23 @@ class BridgeBase(MappingTable):
             live.load(self, model, reader.get, prefix=prefix, options=options)
 
     def load_megatron(
-        self, model: Any, megatron_dir: str | Path, *, language_model_only: bool = False
+        self,
+        model: Any,
+        megatron_dir: str | Path,
+        *,
+        iteration: int | None = None,
+        language_model_only: bool = False,
     ) -> None:
-        """Load a Megatron checkpoint written by `codegen convert hf-to-megatron` (either format)
-        into `model`."""
+        """Load a Megatron checkpoint into `model` (this rank's shard of it): one written by
+        `codegen convert hf-to-megatron` (either format), or a trainer's (a Megatron-LM or
+        Megatron-Bridge run root or iteration folder, torch_dist or the legacy `torch` format, at
+        any TP/PP/EP; `iteration` picks another than the tracked one). Its model tensors must be
+        exactly the bridge's; a trainer's optimizer and RNG state are never read."""
         from qwen35_bridge.megatron import live
         from qwen35_bridge.offline import check_source, megatron_reader
 
         prefix = self.prefix_for(_first_chunk(model), language_model_only=language_model_only)
-        with megatron_reader(self, Path(megatron_dir)) as reader:
+        with megatron_reader(self, Path(megatron_dir), iteration) as reader:
             check_source(reader, self.megatron_shapes, "Megatron")
             live.load_megatron(self, model, reader.get, prefix=prefix)
 

@@ -10,6 +10,7 @@ one group of tensors at a time. The destination appears only once complete.
 from __future__ import annotations
 
 import collections
+import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -19,14 +20,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qwen35_bridge.errors import ConversionError
-from qwen35_bridge.formats import dtypes, fp8
+from qwen35_bridge.formats import dtypes, fp8, megatron_bridge, megatron_lm
 from qwen35_bridge.formats.fp8 import DequantizingReader
 from qwen35_bridge.formats.protocol import TensorReader
+from qwen35_bridge.formats.megatron_bridge import TOKENIZER_FOLDER
 from qwen35_bridge.formats.record import (
     FORMAT_TORCH_DIST,
     FORMATS,
+    RECORD_NAME,
     Record,
     copy_hf_config,
+    copy_tokenizer_files,
     keep_hf_files,
     restore_hf_files,
     write_hf_config,
@@ -45,6 +49,12 @@ from qwen35_bridge.mapping.kinds import ConvertOptions, Group, Shape
 
 if TYPE_CHECKING:
     from qwen35_bridge.bridge import BridgeBase
+
+
+#: The run trees `hf_to_megatron` writes a torch_dist checkpoint in.
+RUN_MEGATRON_LM = "megatron-lm"
+RUN_MEGATRON_BRIDGE = "megatron-bridge"
+RUN_LAYOUTS = (RUN_MEGATRON_LM, RUN_MEGATRON_BRIDGE)
 
 
 class Progress:
@@ -73,6 +83,10 @@ class Report:
     tensors_written: int
     bytes_written: int
     ignored: tuple[str, ...] = ()  # source keys left out on purpose (a trainer's optimizer state)
+    notes: tuple[
+        str, ...
+    ] = ()  # what the user should know (a trainer's vocabulary padding dropped)
+    folder: Path | None = None  # the iteration folder a trainer's checkpoint was read from
 
 
 def check_source(reader: TensorReader, expected: Mapping[str, Shape], what: str) -> None:
@@ -217,9 +231,12 @@ def hf_to_megatron(
     opener: Opener | None = None,
     dequantize_to: torch.dtype = torch.bfloat16,
     output_format: str = "safetensors",
+    run_layout: str = RUN_MEGATRON_LM,
 ) -> Report:
     """HF safetensors -> a Megatron checkpoint: the unsharded state dict as safetensors
-    (megatron-core names), or a `torch_dist` checkpoint for `dist_checkpointing.load`.
+    (megatron-core names), or a `torch_dist` checkpoint in a trainer's run tree (`run_layout`:
+    Megatron-LM's, whose tracker names the `release` folder, or Megatron-Bridge's, whose
+    `iter_0000000` also holds its run_config.yaml and train state).
 
     An FP8 checkpoint is dequantised to `dequantize_to` on the way; the record lists which
     tensors were FP8, so that the way back can quantise them again if asked.
@@ -239,7 +256,9 @@ def hf_to_megatron(
         check_source(reader, bridge.hf_shapes, "HF")
         with staged_directory(destination, force=force, source=Path(source)) as staging:
             if output_format == "torch_dist":
-                report = _write_torch_dist(bridge, reader, staging, options, progress)
+                report = _write_run(
+                    bridge, reader, staging, options, progress, Path(source), run_layout
+                )
             else:
                 report = convert_directory(
                     bridge.groups,
@@ -254,6 +273,8 @@ def hf_to_megatron(
                     opener=opener,
                 )
             keep_hf_files(Path(source), staging)
+            if output_format != "torch_dist":  # the run tree keeps them in its iteration folder
+                copy_tokenizer_files(Path(source), staging / TOKENIZER_FOLDER)
             record.write(staging)
     return report
 
@@ -288,9 +309,12 @@ def megatron_to_hf(
                 "re-quantising needs the source's expert layouts (drop --experts/--mtp-experts)"
             )
         stage = Requantize(set(fp8_tensors), tuple(bridge.quantization["weight_block_size"]))
+    root = record_root(Path(source))
+    if root is None:
+        raise ConversionError(f"{source}: no {RECORD_NAME}; not written by codegen convert")
     with megatron_reader(bridge, Path(source)) as reader:
         check_source(reader, bridge.megatron_shapes, "Megatron")
-        with staged_directory(destination, force=force, source=Path(source)) as staging:
+        with staged_directory(destination, force=force, source=root) as staging:
             report = convert_directory(
                 bridge.groups,
                 reader,
@@ -304,7 +328,8 @@ def megatron_to_hf(
                 opener=opener,
                 stage=stage,
             )
-            restore_hf_files(Path(source), staging, quantized=stage is not None)
+            restore_hf_files(root, staging, quantized=stage is not None)
+            copy_tokenizer_files(reader.directory / TOKENIZER_FOLDER, staging)
     return report
 
 
@@ -361,14 +386,11 @@ def training_to_hf(
     progress: Progress = Progress(),
     options: ConvertOptions = ConvertOptions(),
 ) -> Report:
-    """A trainer's torch_dist checkpoint (a Megatron-LM or Megatron-Bridge run root, or one of
-    its iteration folders) -> HF shards, index and `config`. The model's tensors must be exactly
-    the bridge's; optimizer and RNG state are never read and are listed in the report."""
-    from qwen35_bridge.formats import torch_dist
-    from qwen35_bridge.formats.megatron_lm import resolve_iteration
-
-    folder = resolve_iteration(Path(source), iteration)
-    with torch_dist.Reader(bridge, folder, training=True) as reader:
+    """A trainer's checkpoint (a Megatron-LM or Megatron-Bridge run root, or one of its iteration
+    folders; torch_dist or the legacy `torch` format) -> HF shards, index, `config`, and the
+    tokenizer's files (the run's own, else those of `config_dir`). The model's tensors must be
+    exactly the bridge's; optimizer and RNG state are never read and are listed in the report."""
+    with training_reader(bridge, Path(source), iteration) as reader:
         check_source(reader, bridge.megatron_shapes, "Megatron")
         with staged_directory(destination, force=force, source=Path(source)) as staging:
             report = convert_directory(
@@ -383,7 +405,35 @@ def training_to_hf(
                 progress=progress,
             )
             write_hf_config(config, staging, config_dir)
-        return replace(report, ignored=tuple(reader.ignored))
+            tokenizer = reader.directory / TOKENIZER_FOLDER
+            copy_tokenizer_files(tokenizer if tokenizer.is_dir() else config_dir, staging)
+        return replace(
+            report,
+            ignored=tuple(reader.ignored),
+            notes=tuple(reader.notes),
+            folder=reader.directory,
+        )
+
+
+@contextmanager
+def training_reader(
+    bridge: BridgeBase, source: Path, iteration: int | None = None
+) -> Iterator[TensorReader]:
+    """The model tensors of a trainer's checkpoint, whichever its format; a Megatron-Bridge
+    iteration's run_config.yaml must describe the bridge's model."""
+    from qwen35_bridge.formats import megatron_torch, torch_dist
+
+    folder = megatron_lm.resolve_iteration(source, iteration)
+    section = megatron_bridge.read_model_section(folder)
+    if section is not None:
+        architecture = torch_dist.layout(bridge).architecture
+        megatron_bridge.check_model_section(section, architecture, bridge.gpt_model_args, folder)
+    if megatron_lm.is_torch_dist(folder):
+        with torch_dist.Reader(bridge, folder, training=True) as reader:
+            yield reader
+    else:
+        with megatron_torch.Reader(bridge, folder) as reader:
+            yield reader
 
 
 class Requantize(OutputStage):
@@ -407,12 +457,56 @@ class Requantize(OutputStage):
         return {name: weight, fp8.scale_name(name): scale}
 
 
-def _write_torch_dist(
+def _write_run(
     bridge: BridgeBase,
     reader: TensorReader,
     staging: Path,
     options: ConvertOptions,
     progress: Progress,
+    source: Path,
+    run_layout: str,
+) -> Report:
+    """A run root as the trainer writes one: the tracker, and the iteration folder with the
+    torch_dist checkpoint, whose common state holds Megatron-LM's args, checkpoint version and
+    iteration (inside the data file, where megatron-core 0.19 keeps it), and the source's
+    tokenizer files; Megatron-Bridge's run also gets its run_config.yaml and train state. The
+    model's flags for Megatron-LM's `pretrain_gpt.py` go beside the tracker."""
+    from qwen35_bridge.formats import torch_dist
+
+    plan = torch_dist.layout(bridge)
+    args = megatron_lm.training_args(plan.architecture, bridge.gpt_model_args)
+    common = megatron_lm.common_state(args, iteration=0)
+    name = megatron_lm.RELEASE if run_layout == RUN_MEGATRON_LM else 0
+    folder = staging / megatron_lm.iteration_folder(name)
+    folder.mkdir()
+    report = _write_torch_dist(bridge, reader, folder, options, progress, common)
+    copy_tokenizer_files(source, folder / TOKENIZER_FOLDER)
+    if run_layout == RUN_MEGATRON_BRIDGE:
+        section = megatron_bridge.model_section(
+            plan.architecture,
+            bridge.gpt_model_args,
+            model_id=bridge.model_id,
+            vision_language=bridge.is_vl,
+        )
+        megatron_bridge.write_run_config(folder, section)
+        megatron_bridge.write_train_state(folder / megatron_bridge.TRAIN_STATE_NAME, step=0)
+        shutil.copyfile(
+            folder / megatron_bridge.TRAIN_STATE_NAME,
+            staging / megatron_bridge.LATEST_TRAIN_STATE_NAME,
+        )
+    megatron_lm.write_tracker(staging, name)
+    words = megatron_lm.pretrain_gpt_flags(plan.architecture, bridge.gpt_model_args)
+    (staging / megatron_lm.PRETRAIN_ARGS_NAME).write_text("".join(f"{w}\n" for w in words))
+    return report
+
+
+def _write_torch_dist(
+    bridge: BridgeBase,
+    reader: TensorReader,
+    folder: Path,
+    options: ConvertOptions,
+    progress: Progress,
+    common: dict[str, Any],
 ) -> Report:
     from qwen35_bridge.formats import torch_dist
 
@@ -425,21 +519,48 @@ def _write_torch_dist(
     progress.start(len(planned), sum(p.nbytes for p in planned))
     try:
         written = torch_dist.write(
-            bridge, staging, convert, dtypes.__getitem__, on_chunk=lambda n: progress.advance(0, n)
+            bridge,
+            folder,
+            convert,
+            dtypes.__getitem__,
+            on_chunk=lambda n: progress.advance(0, n),
+            common_state=common,
         )
     finally:
         progress.finish()
     return Report(len(bridge.hf_shapes), len(planned), written)
 
 
+def record_root(path: Path) -> Path | None:
+    """The folder holding the record of a checkpoint `hf_to_megatron` wrote: `path` itself, or,
+    for the iteration folder of such a run tree, its run root. None for anything else (a
+    trainer's checkpoint)."""
+    path = Path(path)
+    if (path / RECORD_NAME).is_file():
+        return path
+    if megatron_lm.is_iteration(path) and (path.parent / RECORD_NAME).is_file():
+        return path.parent
+    return None
+
+
 @contextmanager
-def megatron_reader(bridge: BridgeBase, source: Path) -> Iterator[TensorReader]:
-    """The tensors of a Megatron checkpoint written by `hf_to_megatron`, in either format."""
-    if Record.read(source).format == FORMAT_TORCH_DIST:
+def megatron_reader(
+    bridge: BridgeBase, source: Path, iteration: int | None = None
+) -> Iterator[TensorReader]:
+    """The tensors of a Megatron checkpoint: one `hf_to_megatron` wrote (safetensors, or
+    torch_dist in its run tree or, as written before, a bare folder), or a trainer's (see
+    `training_reader`)."""
+    source = Path(source)
+    root = record_root(source)
+    if root is None:
+        with training_reader(bridge, source, iteration) as reader:
+            yield reader
+    elif Record.read(root).format == FORMAT_TORCH_DIST:
         from qwen35_bridge.formats import torch_dist
 
-        with torch_dist.Reader(bridge, source) as reader:
+        folder = source if root != source else megatron_lm.resolve_iteration(root, iteration)
+        with torch_dist.Reader(bridge, folder) as reader:
             yield reader
     else:
-        with CheckpointReader(source) as reader:
+        with CheckpointReader(root) as reader:
             yield reader

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen35_bridge.errors import ConversionError
-from qwen35_bridge.paths import CONFIG_NAME, GENERATION_CONFIG_NAME
+from qwen35_bridge.paths import CONFIG_NAME, GENERATION_CONFIG_NAME, TOKENIZER_FILES
 
 RECORD_NAME = "codegen.json"
 HF_CONFIG_NAME = "hf_config.json"
@@ -133,3 +133,13 @@ def write_hf_config(config: dict[str, Any], staging: Path, hf_dir: Path | None =
     for name in KEPT_HF_FILES:
         if hf_dir is not None and (Path(hf_dir) / name).is_file():
             shutil.copyfile(Path(hf_dir) / name, staging / name)
+
+
+def copy_tokenizer_files(source: Path | None, destination: Path) -> None:
+    """The tokenizer's and processor's files of `source` (those it has) into `destination`,
+    created only if there is one to copy."""
+    found = [Path(source) / n for n in TOKENIZER_FILES if source and (Path(source) / n).is_file()]
+    if found:
+        Path(destination).mkdir(exist_ok=True)
+    for path in found:
+        shutil.copyfile(path, Path(destination) / path.name)

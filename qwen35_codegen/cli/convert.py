@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from qwen35_bridge import offline
+from qwen35_bridge.bridge import BridgeBase
 from qwen35_bridge.errors import ConversionError
 from qwen35_bridge.formats.record import RECORD_NAME, Record
 from qwen35_bridge.mapping.kinds import ConvertOptions
@@ -33,8 +34,13 @@ def hf_to_megatron(
     max_shard_bytes: int,
     allow_norm_rounding: bool = False,
     dequantize_to: str = "bfloat16",
+    run_layout: str | None = None,
     quiet: bool = False,
 ) -> offline.Report:
+    if run_layout is not None and output_format != "torch_dist":
+        raise ConversionError(
+            f"--run-layout {run_layout}: a run tree holds a torch_dist checkpoint; add --format torch_dist"
+        )
     bridge, spec, source = bridge_for_checkpoint(src, bridge_dir=bridge_dir, quiet=quiet)
     record = Record(
         model_id=source.model_id,
@@ -55,6 +61,7 @@ def hf_to_megatron(
         progress=progress,
         dequantize_to=getattr(torch, dequantize_to),
         output_format=output_format,
+        run_layout=run_layout or offline.RUN_MEGATRON_LM,
     )
 
 
@@ -73,7 +80,8 @@ def megatron_to_hf(
     hf_config: str | None = None,
     iteration: int | None = None,
 ) -> offline.Report:
-    if not (src / RECORD_NAME).is_file():
+    root = offline.record_root(src)
+    if root is None:
         return _training_to_hf(
             src,
             dst,
@@ -93,7 +101,7 @@ def megatron_to_hf(
             f"--hf-config/--iteration: {src} was written by codegen convert, whose record names "
             "its model; they are for a trainer's checkpoint"
         )
-    record, spec = recorded_spec(src)
+    record, spec = recorded_spec(root)
     spec = _with_layouts(spec, experts, mtp_experts)
     if fp8 and spec.quantization is None:
         raise ConversionError(
@@ -132,20 +140,11 @@ def _training_to_hf(
 ) -> offline.Report:
     """A trainer's checkpoint: it records no model, so `--hf-config` names it (a folder with a
     config.json, an HF checkpoint, or any generator reference) and picks the bridge."""
-    if hf_config is None:
-        raise ConversionError(
-            f"{src}: no {RECORD_NAME}, so not written by codegen convert; for a trainer's "
-            "checkpoint (Megatron-LM or Megatron-Bridge run) pass --hf-config DIR|REF naming the model"
-        )
     if fp8:
         raise ConversionError("--fp8: a trainer's checkpoint records no FP8 scope to restore")
-    source = sources.resolve(hf_config, repo_root=checkout.REPO_ROOT)
-    choices = LayoutChoices(experts=experts, mtp_experts=mtp_experts)
-    spec = infer_spec(
-        source.config, weight_map=source.weight_map, statements=source.statements, choices=choices
+    bridge, _spec, source = bridge_for_model(
+        src, hf_config, experts=experts, mtp_experts=mtp_experts, bridge_dir=bridge_dir, quiet=quiet
     )
-    spec = dataclasses.replace(spec, quantization=None)
-    bridge = bridge_for_spec(spec, source.model_id, bridge_dir=bridge_dir, quiet=quiet)
     progress = for_terminal(f"{src.name} -> HF", quiet=quiet)
     report = offline.training_to_hf(
         bridge,
@@ -159,13 +158,43 @@ def _training_to_hf(
         progress=progress,
         options=ConvertOptions(allow_norm_rounding=allow_norm_rounding),
     )
-    if report.ignored and not quiet:
-        print(
-            f"ignored {len(report.ignored)} optimizer and RNG tensors of the training state "
-            f"(never read; e.g. {report.ignored[0]})",
-            file=sys.stderr,
-        )
+    if not quiet:
+        print(f"read {report.folder}", file=sys.stderr)
+        if report.ignored:
+            print(
+                f"ignored {len(report.ignored)} entries of the training state (optimizer, RNG, "
+                f"args; never read), e.g. {report.ignored[0]}",
+                file=sys.stderr,
+            )
+        for note in report.notes:
+            print(f"note: {note}", file=sys.stderr)
     return report
+
+
+def bridge_for_model(
+    src: Path,
+    hf_config: str | None,
+    *,
+    experts: str | None = None,
+    mtp_experts: str | None = None,
+    bridge_dir: Path | None = None,
+    quiet: bool = False,
+) -> tuple[BridgeBase, ModelSpec, sources.Source]:
+    """The bridge for a trainer's checkpoint `src`, whose model `hf_config` names (its HF
+    tensors unquantised, their expert layouts the reference's or as asked), and its spec."""
+    if hf_config is None:
+        raise ConversionError(
+            f"{src}: no {RECORD_NAME}, so not written by codegen convert; for a trainer's "
+            "checkpoint (Megatron-LM or Megatron-Bridge run) pass --hf-config DIR|REF naming the model"
+        )
+    source = sources.resolve(hf_config, repo_root=checkout.REPO_ROOT)
+    choices = LayoutChoices(experts=experts, mtp_experts=mtp_experts)
+    spec = infer_spec(
+        source.config, weight_map=source.weight_map, statements=source.statements, choices=choices
+    )
+    spec = dataclasses.replace(spec, quantization=None)
+    bridge = bridge_for_spec(spec, source.model_id, bridge_dir=bridge_dir, quiet=quiet)
+    return bridge, spec, source
 
 
 def _with_layouts(spec: ModelSpec, experts: str | None, mtp_experts: str | None) -> ModelSpec:

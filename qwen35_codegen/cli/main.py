@@ -163,6 +163,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             output_format=args.format,
             allow_norm_rounding=args.accept_norm_rounding,
             dequantize_to=args.dequantize_to,
+            run_layout=args.run_layout,
             **common,
         )
     else:
@@ -195,6 +196,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             tokens=args.tokens,
             seed=args.seed,
             tolerance=args.tolerance,
+            iteration=args.iteration,
         )
     print(f"max |delta| logits: {verdict.logits_delta:.3e}")
     for i, delta in enumerate(verdict.mtp_deltas):
@@ -233,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("safetensors", "torch_dist"),
         default="safetensors",
         help="hf-to-megatron: Megatron output format (megatron-to-hf reads either)",
+    )
+    p.add_argument(
+        "--run-layout",
+        choices=("megatron-lm", "megatron-bridge"),
+        help="hf-to-megatron --format torch_dist: the trainer whose run tree to write (default "
+        "megatron-lm: tracker + release/; megatron-bridge: iter_0000000/ with run_config.yaml and "
+        "train state)",
     )
     p.add_argument(
         "--experts",
@@ -290,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument(
+        "--iteration",
+        type=int,
+        help="a trainer's run root: this iteration instead of the tracked one",
+    )
     verb("check", cmd_check, "regenerate every committed bridge and fail on any difference")
     p = verb("summary", cmd_summary, "describe a bridge in Markdown for its pull request")
     _add_source_options(p)

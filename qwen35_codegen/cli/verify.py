@@ -44,20 +44,23 @@ def verify(
     tokens: int = 80,
     seed: int = 0,
     tolerance: float = DEFAULT_TOLERANCE,
+    iteration: int | None = None,
     quiet: bool = False,
 ) -> Verdict:
     """Both models in fp32 on a prompt of `tokens` tokens (longer than GDN's chunk of 64 by
     default): random text, and for a VL model one synthetic image within it. Both checkpoints are
-    checked against the bridge before either model is built."""
+    checked against the bridge before either model is built. The Megatron side is one `codegen
+    convert` wrote, or a trainer's checkpoint of the HF folder's model (`iteration` picks one)."""
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     import torch
 
     from qwen35_bridge.formats.safetensors.reader import CheckpointReader
     from qwen35_bridge.megatron.gpt import forward_logits
     from qwen35_bridge.megatron.parallel import destroy_parallel, init_parallel
-    from qwen35_bridge.offline import check_source, megatron_reader
+    from qwen35_bridge.offline import check_source, megatron_reader, record_root
     from qwen35_bridge.reference.hf_kernels import use_torch_gdn_kernels
     from qwen35_bridge.reference.hf_models import hf_model_class
+    from qwen35_codegen.cli.convert import bridge_for_model
     from qwen35_codegen.registry.lookup import bridge_for_spec, recorded_spec
 
     hf_dir, megatron_dir = Path(hf_dir), Path(megatron_dir)
@@ -65,14 +68,22 @@ def verify(
         raise CodegenError(f"--tokens {tokens}: a prompt needs at least one token")
     if not (hf_dir / CONFIG_NAME).is_file():
         raise CodegenError(f"{hf_dir}: no config.json; not an HF checkpoint folder")
-    record, spec = recorded_spec(megatron_dir)
-    if spec.quantization is not None:
-        raise CodegenError("verify runs the HF model in fp32: FP8 checkpoints are not supported")
-    bridge = bridge_for_spec(spec, record.model_id, quiet=quiet)
+    root = record_root(megatron_dir)
+    if root is not None:
+        if iteration is not None:
+            raise CodegenError(f"--iteration: {megatron_dir} was written by codegen convert")
+        record, spec = recorded_spec(root)
+        if spec.quantization is not None:
+            raise CodegenError(
+                "verify runs the HF model in fp32: FP8 checkpoints are not supported"
+            )
+        bridge = bridge_for_spec(spec, record.model_id, quiet=quiet)
+    else:  # a trainer's checkpoint of the HF folder's model
+        bridge, spec, _source = bridge_for_model(megatron_dir, str(hf_dir), quiet=quiet)
     with CheckpointReader(hf_dir) as reader:
         check_source(reader, bridge.hf_shapes, "HF")
         mtp = {name: reader.get(name).float() for name in reader.names() if name.startswith("mtp.")}
-    with megatron_reader(bridge, megatron_dir) as reader:
+    with megatron_reader(bridge, megatron_dir, iteration) as reader:
         check_source(reader, bridge.megatron_shapes, "Megatron")
 
     try:
@@ -100,7 +111,7 @@ def verify(
     parallel = init_parallel()
     try:
         model = build(**parallel)
-        bridge.load_megatron(model, megatron_dir)
+        bridge.load_megatron(model, megatron_dir, iteration=iteration)
         logits, mtp_logits = forward(model, prompt)
     finally:
         destroy_parallel()

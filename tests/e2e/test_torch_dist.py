@@ -85,7 +85,7 @@ def stored_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
 
 def test_layout_follows_megatron_cores_rules(converted) -> None:
     tmp, _checkpoint, spec = converted
-    shapes = stored_shapes(tmp / "dist")
+    shapes = stored_shapes(tmp / "dist" / "release")
     g, a, h = spec.gdn, spec.attention, spec.hidden_size
     gdn_layer = spec.layer_types.index("gdn")
     base = f"decoder.layers.{gdn_layer}.self_attention."
@@ -179,7 +179,7 @@ def test_megatron_core_restores_it_with_hf_logits(
     results = run_ranks(
         partial(restore_and_run, **parallel),
         world,
-        tmp / "dist",
+        tmp / "dist" / "release",
         checkpoint.path,
         tmp / "bridges",
         ids,
@@ -381,7 +381,7 @@ def _tampered(convert_variant, tmp_path: Path, edit) -> tuple[Path, Path]:
     tmp, _checkpoint, _spec = convert_variant("moe-text")
     folder = tmp_path / "dist"
     shutil.copytree(tmp / "dist", folder)
-    edit(folder)
+    edit(folder / "release")
     return folder, tmp / "bridges"
 
 

@@ -94,7 +94,11 @@ def _bad_config(converted: Converted, tmp_path: Path) -> Path:
         (_hf_without_weights, lambda c: c.safetensors, "no model.safetensors.index.json"),
         (_another_model, lambda c: c.safetensors, "missing from the HF checkpoint"),
         (_bad_config, lambda c: c.safetensors, "not valid JSON"),
-        (lambda c, t: c.checkpoint.path, lambda c: c.checkpoint.path, "not a Megatron checkpoint"),
+        (
+            lambda c, t: c.checkpoint.path,
+            lambda c: c.checkpoint.path,
+            "neither a Megatron checkpoint nor a Megatron run",
+        ),
     ],
     ids=["missing-hf", "hf-without-weights", "another-model", "bad-config", "hf-as-megatron"],
 )

@@ -308,8 +308,9 @@ def test_torch_dist_of_the_vl_model_restores_and_round_trips(
     parallel = init_parallel()
     try:
         model = converted.bridge.build_vl_model(**parallel)
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(tmp_path / "dist"))
-        result = model.load_state_dict(state, strict=False)
+        iteration = tmp_path / "dist" / "release"  # the run tree's iteration folder
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(iteration))
+        result = model.load_state_dict(state["model"], strict=False)
         assert (
             not [k for k in result.missing_keys if not k.endswith("_extra_state")]
             and not result.unexpected_keys

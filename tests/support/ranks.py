@@ -117,8 +117,14 @@ def restore_and_run(
     parallel = init_parallel(tp, 1, ep)
     try:
         model = bridge.build_model(**parallel)
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(checkpoint))
-        result = model.load_state_dict(state, strict=False)
+        # As Megatron-LM loads it: the model's state under "model", beside the common state.
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(checkpoint))
+        common = {k: v for k, v in state.items() if k != "model"}
+        if common.get("checkpoint_version") != 3.0 or common["args"].num_layers != len(
+            model.decoder.layers
+        ):
+            raise AssertionError(f"not Megatron-LM's common state: {common}")
+        result = model.load_state_dict(state["model"], strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing or result.unexpected_keys:
             raise AssertionError(

@@ -29,7 +29,54 @@ from qwen35_bridge.versions import installed_megatron_core
 if TYPE_CHECKING:
     from qwen35_bridge.bridge import BridgeBase
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+
+#: megatron-core TransformerConfig fields that decide the language model's weights and forward: what
+#: a trainer's own record of the model (Megatron-LM's args, Megatron-Bridge's run_config.yaml) is
+#: written from and checked against.
+ARCHITECTURE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "ffn_hidden_size",
+    "normalization",
+    "layernorm_epsilon",
+    "layernorm_zero_centered_gamma",
+    "gated_linear_unit",
+    "add_bias_linear",
+    "add_qkv_bias",
+    "qk_layernorm",
+    "attention_output_gate",
+    "experimental_attention_variant",
+    "linear_attention_freq",
+    "linear_conv_kernel_dim",
+    "linear_key_head_dim",
+    "linear_value_head_dim",
+    "linear_num_key_heads",
+    "linear_num_value_heads",
+    "num_moe_experts",
+    "moe_layer_freq",
+    "moe_router_topk",
+    "moe_ffn_hidden_size",
+    "moe_shared_expert_intermediate_size",
+    "moe_shared_expert_gate",
+    "moe_grouped_gemm",
+    "moe_router_score_function",
+    "moe_router_pre_softmax",
+    "mtp_num_layers",
+)
+
+
+#: The DCP key of megatron-core's common (non-tensor) state: a ShardedObject `common_state` of shape
+#: (1,) at offset (0,), a one-element list saved with torch.save.
+COMMON_STATE_KEY = "common_state/shard_0_1"
+
+
+def serialise_common_state(common: dict[str, Any]) -> bytes:
+    """The common state's stored bytes, as megatron-core 0.19 stores it."""
+    return _serialise(common)
 
 
 @dataclass(frozen=True)
@@ -51,6 +98,7 @@ class Layout:
     pieces: list[Piece]
     objects: dict[str, bytes]  # serialised ShardedObjects (extra state, common state) by key
     config: str  # metadata.json
+    architecture: dict[str, Any]  # the language model's ARCHITECTURE_FIELDS, as built
 
     def params(self) -> set[str]:
         return {p.param for p in self.pieces}
@@ -61,6 +109,7 @@ class Layout:
                 "pieces": [asdict(p) for p in self.pieces],
                 "objects": {k: base64.b64encode(v).decode() for k, v in self.objects.items()},
                 "config": self.config,
+                "architecture": self.architecture,
             }
         )
 
@@ -71,9 +120,8 @@ class Layout:
             Piece(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
             for p in data["pieces"]
         ]
-        return cls(
-            pieces, {k: base64.b64decode(v) for k, v in data["objects"].items()}, data["config"]
-        )
+        objects = {k: base64.b64decode(v) for k, v in data["objects"].items()}
+        return cls(pieces, objects, data["config"], data["architecture"])
 
 
 @contextmanager
@@ -132,9 +180,24 @@ def compute_layout(bridge: BridgeBase) -> Layout:
                 raise ConversionError(
                     f"{path}: unexpected {type(value).__name__} in the sharded state dict"
                 )
-        objects[ShardedObject("common_state", common, (1,), (0,)).unique_key] = _serialise(common)
+        objects[COMMON_STATE_KEY] = _serialise(common)
+        architecture = _architecture(getattr(model, "language_model", model).config)
     config = json.dumps(asdict(CheckpointingConfig("torch_dist", 1)))  # as save_config writes it
-    return Layout(pieces, objects, config)
+    return Layout(pieces, objects, config, architecture)
+
+
+def _architecture(config: Any) -> dict[str, Any]:
+    """The config's ARCHITECTURE_FIELDS; `ffn_hidden_size` only where a layer has a dense MLP
+    (megatron-core fills in 4 x hidden for a model of MoE layers, Megatron-LM another value: a
+    size no weight has, which no trainer's record should be held to)."""
+    architecture = {f: getattr(config, f) for f in ARCHITECTURE_FIELDS}
+    frequency = config.moe_layer_freq
+    all_moe = config.num_moe_experts and (
+        frequency == 1 if isinstance(frequency, int) else 0 not in list(frequency)
+    )
+    if all_moe:
+        del architecture["ffn_hidden_size"]
+    return architecture
 
 
 def _piece(

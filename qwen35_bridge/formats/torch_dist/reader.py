@@ -22,6 +22,7 @@ import torch
 from torch.storage import _get_dtype_from_pickle_storage_type
 
 from qwen35_bridge.errors import ConversionError
+from qwen35_bridge.formats.megatron_lm import padded_vocabulary, padding_note
 from qwen35_bridge.formats.torch_dist.layout import Piece, check_coverage, layout
 
 if TYPE_CHECKING:
@@ -366,6 +367,7 @@ class Reader:
         self.ignored = sorted(k for k in stored if training and is_training_state(k))
         for key in self.ignored:
             del stored[key]
+        self.notes: list[str] = []
         plan = layout(bridge)
         self._pieces: dict[str, list[Piece]] = {}
         for piece in plan.pieces:
@@ -374,10 +376,20 @@ class Reader:
                 raise ConversionError(
                     f"{piece.key}: missing from the torch_dist checkpoint at {directory}"
                 )
-            if tuple(stored[piece.key].size) != piece.global_shape:
-                raise ConversionError(
-                    f"{piece.key}: shape {list(stored[piece.key].size)} in {directory}, but the model has {list(piece.global_shape)}"
-                )
+            found = tuple(stored[piece.key].size)
+            if found == piece.global_shape:
+                continue
+            if (
+                training
+                and piece.rows is None
+                and padded_vocabulary(bridge.splits[piece.param], found, piece.global_shape)
+            ):  # a trainer's padded vocabulary: the chunk reads the model's rows only
+                if (note := padding_note(found[0], piece.global_shape[0])) not in self.notes:
+                    self.notes.append(note)
+                continue
+            raise ConversionError(
+                f"{piece.key}: shape {list(found)} in {directory}, but the model has {list(piece.global_shape)}"
+            )
         unexpected = sorted(set(stored) - {p.key for p in plan.pieces})
         if unexpected:
             raise ConversionError(

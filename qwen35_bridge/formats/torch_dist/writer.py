@@ -22,11 +22,12 @@ import torch
 
 from qwen35_bridge.errors import ConversionError
 from qwen35_bridge.formats.torch_dist.layout import (
-    Layout,
+    COMMON_STATE_KEY,
     Piece,
     by_key,
     check_coverage,
     layout,
+    serialise_common_state,
 )
 from qwen35_bridge.mapping.kinds import Group
 
@@ -85,9 +86,12 @@ def write(
     dtype_of: Callable[[str], torch.dtype],
     *,
     on_chunk: Callable[[int], None] | None = None,
+    common_state: dict[str, Any] | None = None,
 ) -> int:
     """Write `destination` as a torch_dist checkpoint; `convert(group)` gives a group's Megatron
     tensors, `dtype_of(name)` their dtype. Returns the bytes of tensor data written.
+    `common_state` replaces the model's (empty) common state: a trainer's run keeps its args,
+    checkpoint version and iteration there.
 
     The files are exactly those PyTorch DCP's FileSystemWriter writes for this state on one rank
     (objects, then each chunk as a `torch.save` record, then the pickled Metadata; a test holds
@@ -96,6 +100,9 @@ def write(
     """
     plan = layout(bridge)
     check_coverage(bridge, plan.params())
+    objects = dict(plan.objects)
+    if common_state is not None:
+        objects[COMMON_STATE_KEY] = serialise_common_state(common_state)
     dcp = _BackgroundImport("torch.distributed.checkpoint")
     cache = _GroupCache(convert, bridge.groups)
     keys = by_key(plan.pieces)
@@ -104,7 +111,7 @@ def write(
     data_file = Path(destination) / DATA_FILE
     try:
         with without_zip_crc32(), data_file.open("wb") as stream:
-            for key, payload in plan.objects.items():
+            for key, payload in objects.items():
                 records.append(_Record(key, None, None, stream.tell(), len(payload)))
                 stream.write(payload)
             for key, pieces in keys.items():
@@ -127,7 +134,7 @@ def write(
                         on_chunk(chunk.numel() * chunk.element_size())
     except OSError as e:  # a full disk, a size limit
         raise ConversionError(f"{data_file}: cannot write it ({e.strerror or e})") from None
-    metadata = _metadata(dcp.module(), plan, keys, records, dtype_of, str(destination))
+    metadata = _metadata(dcp.module(), keys, records, dtype_of, str(destination))
     staging = Path(destination) / ".metadata.tmp"
     with staging.open("wb") as f:
         pickle.dump(metadata, f)
@@ -156,7 +163,6 @@ def without_zip_crc32() -> Iterator[None]:
 
 def _metadata(
     dcp: Any,
-    plan: Layout,
     keys: dict[str, list[Piece]],
     records: list[_Record],
     dtype_of: Callable[[str], torch.dtype],
@@ -175,8 +181,9 @@ def _metadata(
             torch.Size(pieces[0].global_shape),
             chunks,
         )
-    for key in plan.objects:
-        state[key] = md.BytesStorageMetadata()
+    for record in records:
+        if record.offset is None:
+            state[record.key] = md.BytesStorageMetadata()
     storage = {
         md.MetadataIndex(
             r.key, None if r.offset is None else torch.Size(r.offset), r.index
