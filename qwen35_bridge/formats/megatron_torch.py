@@ -23,6 +23,8 @@ import torch
 
 from qwen35_bridge.errors import ConversionError
 from qwen35_bridge.formats import lazy_pickle
+from qwen35_bridge.formats.buffers import ReadBuffers
+from qwen35_bridge.formats.lazy_pickle import LazyTensor
 from qwen35_bridge.formats.megatron_lm import LEGACY_RANK_FOLDER, padded_vocabulary, padding_note
 from qwen35_bridge.mapping import names as megatron_names
 
@@ -51,7 +53,7 @@ class _Shard:
 
     rank: _Rank
     local_name: str
-    tensor: torch.Tensor
+    tensor: LazyTensor
 
 
 @dataclass
@@ -131,52 +133,64 @@ class Reader:
         self.directory = Path(folder)
         self.ignored: list[str] = []
         self.notes: list[str] = []
-        first_file = next(
-            (
-                p / RANK_FILE
-                for p in sorted(self.directory.iterdir())
-                if LEGACY_RANK_FOLDER.match(p.name)
-            ),
-            None,
+        self._bridge = bridge
+        self._prefix = bridge.megatron_prefix
+        self._archives: list[lazy_pickle.TorchSaveFile] = []
+        self._buffers = ReadBuffers()  # one pool for every rank's file
+        self._tensors: dict[str, _Tensor] = {}
+        try:
+            self._index(self._open_ranks())
+        except BaseException:
+            self.close()
+            raise
+        self._shapes = {name: self._shape(name, t) for name, t in self._tensors.items()}
+
+    def _open_ranks(self) -> dict[_Rank, Any]:
+        """Every rank's file, opened (its pickle read, no tensor), by rank."""
+        files = sorted(
+            p / RANK_FILE for p in self.directory.iterdir() if LEGACY_RANK_FOLDER.match(p.name)
         )
-        if first_file is None or not first_file.is_file():
-            raise ConversionError(f"{folder}: no mp_rank_* folders with {RANK_FILE}")
-        first = lazy_pickle.load(first_file)
+        if not files or not files[0].is_file():
+            raise ConversionError(f"{self.directory}: no mp_rank_* folders with {RANK_FILE}")
+        opened = {}
+        for path in files:
+            state, archive = lazy_pickle.load(path, self._buffers)
+            self._archives.append(archive)
+            opened[path] = state
+        first = opened[files[0]]
         ranks = _rank_folders(
             self.directory, first.get("args") if isinstance(first, dict) else None
         )
-        self._bridge = bridge
-        self._prefix = bridge.megatron_prefix
-        self._experts = _experts_per_layer(bridge)
-        _tp, _pp, ep = _sizes(ranks)
-        if self._experts % ep:
+        return {rank: opened[rank.path / RANK_FILE] for rank in ranks}
+
+    def _index(self, states: dict[_Rank, Any]) -> None:
+        """Where each global tensor's slices are, without reading any."""
+        experts = _experts_per_layer(self._bridge)
+        ep = _sizes(states)[2]
+        if experts % ep:
             raise ConversionError(
-                f"{folder}: {ep} expert ranks cannot hold {self._experts} experts evenly"
+                f"{self.directory}: {ep} expert ranks cannot hold {experts} experts evenly"
             )
-        states = {
-            r: (first if r.path / RANK_FILE == first_file else lazy_pickle.load(r.path / RANK_FILE))
-            for r in ranks
-        }
         chunks = {r: self._chunks(r, state) for r, state in states.items()}
         offsets = _layer_offsets(chunks, self._prefix)
-        self._tensors: dict[str, _Tensor] = {}
         for rank, rank_chunks in chunks.items():
             for vp, state in rank_chunks.items():
-                offset = offsets[(vp, rank.pp)]
                 for local, tensor in state.items():
                     if local.endswith("_extra_state"):
                         continue
-                    if not isinstance(tensor, torch.Tensor):
+                    if not isinstance(tensor, LazyTensor):
                         raise ConversionError(
-                            f"{rank.path / RANK_FILE}: model entry {local} is a {type(tensor).__name__}, not a tensor"
+                            f"{rank.path / RANK_FILE}: model entry {local} is a "
+                            f"{type(tensor).__name__}, not a tensor"
                         )
-                    name = self._global_name(local, offset, rank.ep * (self._experts // ep))
-                    shards = self._tensors.setdefault(name, _Tensor()).copies.setdefault(
-                        (rank.pp, vp), {}
+                    name = self._global_name(
+                        local, offsets[(vp, rank.pp)], rank.ep * (experts // ep)
                     )
+                    copies = self._tensors.setdefault(name, _Tensor()).copies
                     # A tensor outside the experts is on every expert rank: the first is taken.
-                    shards.setdefault(rank.tp, _Shard(rank, local, tensor))
-        self._shapes = {name: self._shape(name, t) for name, t in self._tensors.items()}
+                    copies.setdefault((rank.pp, vp), {}).setdefault(
+                        rank.tp, _Shard(rank, local, tensor)
+                    )
 
     # -- reading the rank files --------------------------------------------------------------------
 
@@ -243,9 +257,10 @@ class Reader:
 
     def _merge(self, name: str, shards: dict[int, _Shard]) -> torch.Tensor:
         if self._replicated(name, shards):
-            full = shards[0].tensor
+            full = shards[0].tensor.read()
         else:
-            full = self._bridge.splits[name].merge([shards[tp].tensor for tp in sorted(shards)])
+            slices = [shards[tp].tensor.read() for tp in sorted(shards)]
+            full = self._bridge.splits[name].merge(slices)
         rows = self._shapes[name][0] if full.dim() else None
         return full[:rows] if rows is not None and full.shape[0] > rows else full
 
@@ -282,6 +297,10 @@ class Reader:
 
     def close(self) -> None:
         self._tensors.clear()
+        for archive in self._archives:
+            archive.close()
+        self._archives.clear()
+        self._buffers.clear()
 
     def __enter__(self) -> Reader:
         return self

@@ -322,9 +322,9 @@ def test_files_are_what_pytorch_dcp_writes(convert_variant, tmp_path: Path) -> N
 def test_read_buffers_are_reused_only_when_no_tensor_holds_them() -> None:
     """Keys read from several chunks go into buffers kept for the next key; one that any tensor
     (a view, a numpy array of it) still uses must never be written over."""
-    from qwen35_bridge.formats.torch_dist.reader import _Buffers
+    from qwen35_bridge.formats.buffers import ReadBuffers
 
-    buffers = _Buffers()
+    buffers = ReadBuffers()
     first = buffers.empty((4, 8), torch.bfloat16)
     first.fill_(1.5)
     address = first.data_ptr()

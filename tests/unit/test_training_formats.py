@@ -36,13 +36,30 @@ def test_a_torch_save_file_opens_without_running_its_code(tmp_path: Path) -> Non
     torch.save(state, tmp_path / "ckpt.pt")
     with pytest.raises(Exception):  # the control: plain torch.load refuses it (weights_only)
         torch.load(tmp_path / "ckpt.pt")
-    loaded = lazy_pickle.load(tmp_path / "ckpt.pt")
+    loaded, archive = lazy_pickle.load(tmp_path / "ckpt.pt")
     assert not marker.exists()
     assert isinstance(loaded["args"], lazy_pickle.Stub)
     assert loaded["args"].tensor_model_parallel_size == 2
-    assert torch.equal(loaded["model"]["w"], torch.arange(6.0).reshape(2, 3))
+    lazy = loaded["model"]["w"]
+    assert isinstance(lazy, lazy_pickle.LazyTensor) and lazy.shape == (2, 3)
+    assert torch.equal(lazy.read(), torch.arange(6.0).reshape(2, 3))
+    archive.close()
     pickle.loads(pickle.dumps(_Sneaky(str(marker))))  # and the control runs it
     assert marker.exists()
+
+
+def test_tensors_are_read_as_their_views_of_a_shared_storage(tmp_path: Path) -> None:
+    """A trainer's parameters can be views into one buffer (megatron-core's DDP keeps them in
+    one): each is read as its own region, strided views too."""
+    buffer = torch.arange(40.0)
+    state = torch.nn.Module().state_dict()  # an OrderedDict with PyTorch's `_metadata`
+    state.update({"a": buffer[4:16].view(3, 4), "b": buffer[20:32].view(4, 3).t(), "c": buffer})
+    assert hasattr(state, "_metadata")
+    torch.save(state, tmp_path / "views.pt")
+    loaded, archive = lazy_pickle.load(tmp_path / "views.pt")
+    for name, tensor in state.items():
+        assert torch.equal(loaded[name].read(), tensor), name
+    archive.close()
 
 
 def test_a_truncated_torch_save_file_is_one_line(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch.storage import _get_dtype_from_pickle_storage_type
 
 from qwen35_bridge.errors import ConversionError
+from qwen35_bridge.formats.buffers import ReadBuffers
 from qwen35_bridge.formats.megatron_lm import padded_vocabulary, padding_note
 from qwen35_bridge.formats.torch_dist.layout import Piece, check_coverage, layout
 
@@ -190,40 +191,6 @@ def _check_chunks(key: str, stored: _Stored, directory: Path) -> None:
         )
 
 
-def _users(storage: torch.UntypedStorage) -> int:
-    """How many tensors (and this handle) share `storage`: PyTorch's own count, which a view, a
-    reshape or a numpy array of any of them holds too."""
-    return torch._C._storage_Use_Count(storage._cdata)
-
-
-class _Buffers:
-    """Memory that keys read from several chunks are read into, used again once no tensor uses it.
-
-    Fresh memory costs a page fault per 4 KiB page when first written; measured here, reading into
-    new memory took 6x as long as reading into memory touched before, and it made reading a
-    torch_dist checkpoint the slowest conversion. A buffer is handed out again only when PyTorch
-    counts no tensor on it, so nothing still holding an earlier key can see it overwritten.
-    """
-
-    def __init__(self) -> None:
-        self._storages: list[torch.UntypedStorage] = []
-
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = math.prod(shape) * dtype.itemsize
-        free = [s for s in self._storages if _users(s) == 1]
-        fitting = [s for s in free if s.nbytes() >= nbytes]
-        if fitting:
-            storage = min(fitting, key=lambda s: s.nbytes())
-        else:  # a new buffer; free ones too small for this key go, so that memory stays bounded
-            self._storages = [s for s in self._storages if all(s is not f for f in free)]
-            storage = torch.UntypedStorage(nbytes)
-            self._storages.append(storage)
-        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-
-    def clear(self) -> None:
-        self._storages.clear()
-
-
 class _Records:
     """Chunks read straight from DCP's data files: each chunk is a `torch.save` record (a zip)
     whose one storage is stored uncompressed, so it can be mapped rather than deserialised and
@@ -234,7 +201,7 @@ class _Records:
         self._directory = directory
         self._stored = stored
         self._fds: dict[str, int] = {}
-        self._buffers = _Buffers()
+        self._buffers = ReadBuffers()
 
     def _fd(self, relative: str) -> int:
         if relative not in self._fds:
