@@ -154,7 +154,7 @@ def run(command: list[str], env: dict[str, str]) -> tuple[float, int]:
 def folder_bytes(folder: Path) -> int:
     return sum(
         p.stat().st_size
-        for p in folder.iterdir()
+        for p in folder.rglob("*")
         if p.is_file() and p.suffix in {".safetensors", ".distcp"}
     )
 
@@ -170,7 +170,7 @@ class Case:
 
 def warm(folder: Path) -> None:
     """Read every file of `folder` so that it is in the page cache (cheap when it already is)."""
-    for path in folder.iterdir():
+    for path in folder.rglob("*"):
         if path.is_file():
             with path.open("rb") as f:
                 while f.read(64 << 20):
@@ -267,7 +267,7 @@ def main() -> None:
         f"{info['experts']} experts, vocab {info['vocab']}; largest group {largest_group / 1e9:.3f} GB"
     )
 
-    codegen = [sys.executable, "-m", "codegen", "convert"]
+    codegen = [sys.executable, "-m", "qwen35_codegen", "convert"]
     common = ["--quiet", "--max-shard-size", SHARD]
     megatron, dist = work / "meg", work / "dist"
     cases = [
