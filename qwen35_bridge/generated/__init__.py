@@ -18,11 +18,14 @@ MODULES = {
     ("Qwen/Qwen3.5-4B", "gpt"): "qwen3_5_4b",
     ("Qwen/Qwen3.5-9B", "gpt"): "qwen3_5_9b",
     ("Qwen/Qwen3.6-27B", "gpt"): "qwen3_6_27b",
+    ("Qwen/Qwen3.6-27B", "hybrid"): "qwen3_6_27b_hybrid",
     ("Qwen/Qwen3.6-35B-A3B", "gpt"): "qwen3_6_35b_a3b",
+    ("Qwen/Qwen3.6-35B-A3B", "hybrid"): "qwen3_6_35b_a3b_hybrid",
     ("Qwen/Qwen3.8-27B", "gpt"): "qwen3_8_27b",
     ("Qwen/Qwen3.8-2.4T-A95B", "gpt"): "qwen3_8_2_4t_a95b",
     ("Qwen/Qwen3-Next-80B-A3B-Instruct", "gpt"): "qwen3_next_80b_a3b_instruct",
     ("Qwen/Qwen3-Next-80B-A3B-Instruct-FP8", "gpt"): "qwen3_next_80b_a3b_instruct_fp8",
+    ("Qwen/Qwen3-Next-80B-A3B-Instruct", "hybrid"): "qwen3_next_80b_a3b_instruct_hybrid",
 }
 
 
