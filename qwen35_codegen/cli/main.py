@@ -169,6 +169,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.direction in ("gpt-to-hybrid", "hybrid-to-gpt"):
         from qwen35_codegen.cli.retargeting import retarget
 
+        for option in ("experts", "mtp_experts", "hf_config", "iteration", "fp8", "target"):
+            if getattr(args, option) not in (None, False):
+                raise CodegenError(
+                    f"--{option.replace('_', '-')}: not an option of {args.direction}, which "
+                    "renames the checkpoint's tensors and changes nothing else"
+                )
+        if args.accept_norm_rounding:
+            raise CodegenError(
+                f"--accept-norm-rounding: {args.direction} shifts no norm (tensors are copied)"
+            )
         source_target, _, target = args.direction.partition("-to-")
         report = retarget(
             args.src, args.dst, source_target, target, output_format=args.format, **common

@@ -200,6 +200,14 @@ def test_round_trip_through_the_hybrid_layout_is_bit_identical(variants, name: s
     files_equal(converted.checkpoint.path, back)
 
 
+def test_verify_follows_the_records_target(variants, capsys) -> None:
+    """`codegen verify` builds the model class the Megatron checkpoint's record names."""
+    converted = variants["dense-text"]
+    hf, megatron = str(converted.checkpoint.path), str(converted.megatron_dir)
+    assert main(["verify", hf, megatron]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
 def test_torch_dist_has_hybrid_names_and_megatron_core_restores_it(variants) -> None:
     """Written for the hybrid target: physical layer numbers, `decoder.final_norm`, the MTP
     layer's inner stack under `mtp_model_layer.layers.{0,1}` (no `transformer_layer` renaming),
