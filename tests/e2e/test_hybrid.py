@@ -341,6 +341,41 @@ def test_retargeting_refuses_the_wrong_source_and_names_a_missing_tensor(
     assert not (tmp_path / "w").exists()
 
 
+def test_a_trainers_hybrid_checkpoint_converts_to_hf_with_target_hybrid(
+    variants, tmp_path: Path, capsys
+) -> None:
+    """A Megatron-LM-style run (tracker + iter_0000001) that megatron-core's own
+    `dist_checkpointing.save` wrote from HybridModel converts back to HF with `--target hybrid`,
+    bit for bit; read with the GPT bridge (the default) it fails, naming a tensor it lacks."""
+    from megatron.core import dist_checkpointing
+
+    from qwen35_bridge.formats.megatron_lm import TRACKER_NAME, iteration_folder
+    from qwen35_bridge.megatron.parallel import destroy_parallel, init_parallel
+
+    converted = variants["moe-text"]
+    run = tmp_path / "run"
+    folder = run / iteration_folder(1)
+    folder.mkdir(parents=True)
+    parallel = init_parallel()
+    try:
+        model = converted.bridge.build_model(**parallel)
+        converted.bridge.load_hf(model, converted.checkpoint.path)
+        state = {"model": model.sharded_state_dict(), "iteration": 1, "checkpoint_version": 3.0}
+        dist_checkpointing.save(state, str(folder))
+    finally:
+        destroy_parallel()
+    (run / TRACKER_NAME).write_text("1\n")
+    args = ["convert", "megatron-to-hf", str(run)]
+    common = ["--hf-config", str(converted.checkpoint.path), *convert_args(converted.bridge_dir)]
+    assert main([*args, str(tmp_path / "gpt"), *common]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "decoder.layers.0.pre_mlp_layernorm.weight: missing from the torch_dist checkpoint" in err
+    )
+    assert main([*args, str(tmp_path / "hf"), *common, "--target", "hybrid"]) == 0
+    files_equal(converted.checkpoint.path, tmp_path / "hf")
+
+
 def test_wrong_physical_numbering_gives_wrong_logits_or_a_named_error(
     variants, parallel_state
 ) -> None:
