@@ -68,8 +68,8 @@ VISION_LAYERS = (
 # the physical layer of each entry of the logical list of the same name.
 # fmt: off
 HYBRID_LAYER_PATTERN = (
-    "G-G-G-*-G-G-G-*-G-G-G-*-G-G-G-*-G-G-G-*-G-G-G-*-G-G-G-*-G-G-G-*-G-G-G-*-G-G-G-*-G-G-G-*-G-G-G-"
-    "*-G-G-G-*-G-G-G-*-G-G-G-*-G-G-G-*-"
+    "G-G-G-*-G-G-G-*-G-G-G-*-G-G-G-*-G-G-G-*-G-G-G-*-G-G-G-*-G-G-G-*-G-G-G-*-G-G-G-*-G-G-G-*-"
+    "G-G-G-*-G-G-G-*-G-G-G-*-G-G-G-*-G-G-G-*-"
     "/*-"
 )
 NUM_HYBRID_LAYERS = 128
@@ -200,7 +200,7 @@ MAPPINGS = (
     Rename(
         "language_model.output_layer.weight", hf="lm_head.weight", shape=(248320, 5120), tp=VOCAB
     ),
-    # -- Gated DeltaNet: GDN_LAYERS (HybridModel layers HYBRID_GDN_LAYERS) -------------------------
+    # -- Gated DeltaNet: GDN_LAYERS (HybridModel HYBRID_GDN_LAYERS) --------------------------------
     Rename(
         "language_model.decoder.layers.{j}.self_attention.in_proj.layer_norm_weight",
         hf="model.language_model.layers.{i}.input_layernorm.weight",
@@ -258,7 +258,7 @@ MAPPINGS = (
         layers=GDN_LAYERS,
         megatron_layers=HYBRID_GDN_LAYERS,
     ),
-    # -- Gated attention: ATTENTION_LAYERS (HybridModel layers HYBRID_ATTENTION_LAYERS) ------------
+    # -- Gated attention: ATTENTION_LAYERS (HybridModel HYBRID_ATTENTION_LAYERS) -------------------
     Rename(
         "language_model.decoder.layers.{j}.self_attention.linear_qkv.layer_norm_weight",
         hf="model.language_model.layers.{i}.input_layernorm.weight",
@@ -298,7 +298,7 @@ MAPPINGS = (
         layers=ATTENTION_LAYERS,
         megatron_layers=HYBRID_ATTENTION_LAYERS,
     ),
-    # -- Dense SwiGLU MLP: DENSE_MLP_LAYERS (HybridModel layers HYBRID_DENSE_MLP_LAYERS) -----------
+    # -- Dense SwiGLU MLP: DENSE_MLP_LAYERS (HybridModel HYBRID_DENSE_MLP_LAYERS) ------------------
     Rename(
         "language_model.decoder.layers.{j}.mlp.linear_fc1.layer_norm_weight",
         hf="model.language_model.layers.{i}.post_attention_layernorm.weight",

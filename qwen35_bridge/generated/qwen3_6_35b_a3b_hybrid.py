@@ -211,7 +211,7 @@ MAPPINGS = (
     Rename(
         "language_model.output_layer.weight", hf="lm_head.weight", shape=(248320, 2048), tp=VOCAB
     ),
-    # -- Gated DeltaNet: GDN_LAYERS (HybridModel layers HYBRID_GDN_LAYERS) -------------------------
+    # -- Gated DeltaNet: GDN_LAYERS (HybridModel HYBRID_GDN_LAYERS) --------------------------------
     Rename(
         "language_model.decoder.layers.{j}.self_attention.in_proj.layer_norm_weight",
         hf="model.language_model.layers.{i}.input_layernorm.weight",
@@ -269,7 +269,7 @@ MAPPINGS = (
         layers=GDN_LAYERS,
         megatron_layers=HYBRID_GDN_LAYERS,
     ),
-    # -- Gated attention: ATTENTION_LAYERS (HybridModel layers HYBRID_ATTENTION_LAYERS) ------------
+    # -- Gated attention: ATTENTION_LAYERS (HybridModel HYBRID_ATTENTION_LAYERS) -------------------
     Rename(
         "language_model.decoder.layers.{j}.self_attention.linear_qkv.layer_norm_weight",
         hf="model.language_model.layers.{i}.input_layernorm.weight",
@@ -309,7 +309,7 @@ MAPPINGS = (
         layers=ATTENTION_LAYERS,
         megatron_layers=HYBRID_ATTENTION_LAYERS,
     ),
-    # -- Mixture of experts, packed on the HF side: MOE_LAYERS (HybridModel layers HYBRID_MOE_LAYERS) ---
+    # -- Mixture of experts, packed on the HF side: MOE_LAYERS (HybridModel HYBRID_MOE_LAYERS) -----
     Rename(
         "language_model.decoder.layers.{j}.pre_mlp_layernorm.weight",
         hf="model.language_model.layers.{i}.post_attention_layernorm.weight",

@@ -67,8 +67,8 @@ MTP_LAYERS = (0,)
 # the physical layer of each entry of the logical list of the same name.
 # fmt: off
 HYBRID_LAYER_PATTERN = (
-    "GEGEGE*EGEGEGE*EGEGEGE*EGEGEGE*EGEGEGE*EGEGEGE*EGEGEGE*EGEGEGE*EGEGEGE*EGEGEGE*EGEGEGE*EGEGEGE"
-    "*E"
+    "GEGEGE*EGEGEGE*EGEGEGE*EGEGEGE*EGEGEGE*EGEGEGE*EGEGEGE*EGEGEGE*EGEGEGE*EGEGEGE*EGEGEGE*E"
+    "GEGEGE*E"
     "/*E"
 )
 NUM_HYBRID_LAYERS = 96
@@ -152,7 +152,7 @@ MAPPINGS = (
     ),
     Rename("decoder.final_norm.weight", hf="model.norm.weight", shape=(2048,)),
     Rename("output_layer.weight", hf="lm_head.weight", shape=(151936, 2048), tp=VOCAB),
-    # -- Gated DeltaNet: GDN_LAYERS (HybridModel layers HYBRID_GDN_LAYERS) -------------------------
+    # -- Gated DeltaNet: GDN_LAYERS (HybridModel HYBRID_GDN_LAYERS) --------------------------------
     Rename(
         "decoder.layers.{j}.self_attention.in_proj.layer_norm_weight",
         hf="model.layers.{i}.input_layernorm.weight",
@@ -208,7 +208,7 @@ MAPPINGS = (
         layers=GDN_LAYERS,
         megatron_layers=HYBRID_GDN_LAYERS,
     ),
-    # -- Gated attention: ATTENTION_LAYERS (HybridModel layers HYBRID_ATTENTION_LAYERS) ------------
+    # -- Gated attention: ATTENTION_LAYERS (HybridModel HYBRID_ATTENTION_LAYERS) -------------------
     Rename(
         "decoder.layers.{j}.self_attention.linear_qkv.layer_norm_weight",
         hf="model.layers.{i}.input_layernorm.weight",
@@ -248,7 +248,7 @@ MAPPINGS = (
         layers=ATTENTION_LAYERS,
         megatron_layers=HYBRID_ATTENTION_LAYERS,
     ),
-    # -- Mixture of experts, per expert on the HF side: MOE_LAYERS (HybridModel layers HYBRID_MOE_LAYERS) ---
+    # -- Mixture of experts, per expert on the HF side: MOE_LAYERS (HybridModel HYBRID_MOE_LAYERS) ---
     Rename(
         "decoder.layers.{j}.pre_mlp_layernorm.weight",
         hf="model.layers.{i}.post_attention_layernorm.weight",

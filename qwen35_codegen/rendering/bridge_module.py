@@ -93,16 +93,21 @@ def _int_tuple(values: tuple[int, ...], name: str) -> str:
 
 def _pattern_literal(pattern: str, name: str) -> str:
     """A hybrid layer pattern as a string literal; past the line length, as adjacent literals in
-    parentheses, each holding whole logical layers (the MTP part last)."""
+    parentheses, each holding whole repeats of the schedule (whole logical layers if it has
+    none), the MTP part last."""
     if len(f'{name} = "{pattern}"') <= LINE_LENGTH:
         return f'"{pattern}"'
     pairs = targets.logical_layers(pattern)
+    block = describe.period(tuple(pairs))
+    if 2 * block > LINE_LENGTH - 6:
+        block = 1
+    units = ["".join(pairs[i : i + block]) for i in range(0, len(pairs), block)]
     pieces, piece = [], ""
-    for pair in pairs:
-        if len(piece) + len(pair) > LINE_LENGTH - 6:
+    for unit in units:
+        if piece and len(piece) + len(unit) > LINE_LENGTH - 6:
             pieces.append(piece)
             piece = ""
-        piece += pair
+        piece += unit
     pieces.append(piece)
     mtp = pattern[len("".join(pairs)) :]
     if mtp:
