@@ -7,7 +7,8 @@ the Megatron names differ (`decoder.layers.{i}.mlp.*` is `decoder.layers.{2i+1}.
 name map pairs the groups by their HF tensors and the Megatron tensors of paired groups by position,
 and holds kind, shape and tensor-parallel split equal; it is a bijection or an error naming the
 tensor. Every source tensor is read once and written once under its new name, unchanged, streamed
-group by group as `offline` does, into either Megatron format.
+group by group as `offline` does, into either Megatron format (torch_dist in the same run tree
+`hf-to-megatron` writes).
 """
 
 from __future__ import annotations
@@ -21,22 +22,27 @@ import torch
 
 from qwen35_bridge.errors import ConversionError
 from qwen35_bridge.formats.protocol import TensorReader
+from qwen35_bridge.formats.megatron_bridge import TOKENIZER_FOLDER
 from qwen35_bridge.formats.record import (
     FORMAT_TORCH_DIST,
     FORMATS,
     HF_CONFIG_NAME,
     KEPT_HF_FILES,
     Record,
+    copy_tokenizer_files,
 )
 from qwen35_bridge.formats.safetensors.writer import DEFAULT_MAX_SHARD_BYTES
 from qwen35_bridge.formats.staging import staged_directory
+from qwen35_bridge.mapping.kinds import ConvertOptions
 from qwen35_bridge.offline import (
+    RUN_MEGATRON_LM,
     Progress,
     Report,
+    write_run,
     check_source,
     convert_directory,
     megatron_reader,
-    plan,
+    record_root,
 )
 
 if TYPE_CHECKING:
@@ -116,10 +122,14 @@ def retarget(
     force: bool = False,
     progress: Progress = Progress(),
 ) -> Report:
-    """The Megatron checkpoint `src` (written for `source`'s target, as its `record` says) written
-    to `destination` under `target`'s names, in `output_format` (`safetensors` or `torch_dist`),
-    with its record and HF config. Nothing is written unless every source tensor is there, with
-    the shape the table says."""
+    """The Megatron checkpoint `src` (written for `source`'s target, as its `record` says; its
+    folder or, for a run tree, its run root or iteration folder) written to `destination` under
+    `target`'s names, in `output_format` (`safetensors` or `torch_dist`), with its record, HF config
+    and tokenizer files. Nothing is written unless every source tensor is there, with the shape
+    the table says."""
+    root = record_root(Path(src))
+    if root is None:
+        raise ConversionError(f"{src}: not a Megatron checkpoint written by codegen convert")
     if record.target != source.target:
         raise ConversionError(
             f"{src}: holds {record.target} tensors, not {source.target} ones (its record says so)"
@@ -134,9 +144,20 @@ def retarget(
     with megatron_reader(source, Path(src)) as reader:
         check_source(reader, source.megatron_shapes, "Megatron")
         renamed = RenamedReader(reader, names)
-        with staged_directory(destination, force=force, source=Path(src)) as staging:
+        tokenizer = Path(reader.directory) / TOKENIZER_FOLDER
+        tokenizer_source = tokenizer if tokenizer.is_dir() else None
+        with staged_directory(destination, force=force, source=root) as staging:
             if out_record.format == FORMAT_TORCH_DIST:
-                report = _write_torch_dist(target, renamed, staging, progress)
+                report = write_run(
+                    target,
+                    renamed,
+                    staging,
+                    ConvertOptions(),
+                    progress,
+                    tokenizer_source,
+                    RUN_MEGATRON_LM,
+                    megatron_source=True,
+                )
             else:
                 report = convert_directory(
                     target.groups,
@@ -149,29 +170,9 @@ def retarget(
                     index_metadata={"format": out_record.format},
                     progress=progress,
                 )
+                copy_tokenizer_files(tokenizer_source, staging / TOKENIZER_FOLDER)
             for name in (HF_CONFIG_NAME, *(f"hf_{n}" for n in KEPT_HF_FILES)):
-                if (Path(src) / name).is_file():
-                    shutil.copyfile(Path(src) / name, staging / name)
+                if (root / name).is_file():
+                    shutil.copyfile(root / name, staging / name)
             out_record.write(staging)
     return report
-
-
-def _write_torch_dist(
-    target: BridgeBase, reader: RenamedReader, staging: Path, progress: Progress
-) -> Report:
-    from qwen35_bridge.formats import torch_dist
-
-    planned = plan(target.groups, reader, "megatron", "megatron")
-    dtypes = {p.name: p.dtype for p in planned}
-    progress.start(len(planned), sum(p.nbytes for p in planned))
-    try:
-        written = torch_dist.write(
-            target,
-            staging,
-            lambda group: reader.get_many(list(group.megatron)),
-            dtypes.__getitem__,
-            on_chunk=lambda n: progress.advance(0, n),
-        )
-    finally:
-        progress.finish()
-    return Report(len(planned), len(planned), written)

@@ -43,6 +43,11 @@ def hf_to_megatron(
         raise ConversionError(
             f"--run-layout {run_layout}: a run tree holds a torch_dist checkpoint; add --format torch_dist"
         )
+    if run_layout == offline.RUN_MEGATRON_BRIDGE and target != DEFAULT_TARGET:
+        raise ConversionError(
+            f"--run-layout {run_layout}: Megatron-Bridge's run tree is written for GPTModel only, "
+            f"not --target {target}"
+        )
     bridge, spec, source = bridge_for_checkpoint(
         src, bridge_dir=bridge_dir, quiet=quiet, target=target
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 from qwen35_bridge import retarget as runtime
 from qwen35_bridge.errors import ConversionError
 from qwen35_bridge.formats.record import FORMATS, RECORD_NAME, Record
-from qwen35_bridge.offline import Report
+from qwen35_bridge.offline import Report, record_root
 from qwen35_codegen.cli.progress import for_terminal
 from qwen35_codegen.registry.lookup import bridge_for_spec, recorded_spec
 
@@ -27,12 +27,13 @@ def retarget(
 ) -> Report:
     """`src` (its record must say `source_target`) rewritten under `target`'s names; in the
     source's format unless `output_format` names one."""
-    if not (src / RECORD_NAME).is_file():
+    root = record_root(src)
+    if root is None:
         raise ConversionError(
             f"{src}: no {RECORD_NAME}; {source_target}-to-{target} converts checkpoints written by "
             "codegen convert (a trainer's checkpoint goes through megatron-to-hf with --hf-config)"
         )
-    record, spec = recorded_spec(src)
+    record, spec = recorded_spec(root)
     if record.target != source_target:
         raise ConversionError(
             f"{src}: holds {record.target} tensors, as its {RECORD_NAME} records, not "

@@ -52,3 +52,16 @@ def test_a_record_naming_an_unknown_target_is_refused(tmp_path: Path, capsys) ->
     err = capsys.readouterr().err
     assert "codegen.json: unknown target 'mamba'; expected one of gpt, hybrid" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_megatron_bridge_run_tree_is_written_for_gpt_only(tmp_path: Path, capsys) -> None:
+    args = ["convert", "hf-to-megatron", str(tmp_path / "hf"), str(tmp_path / "out")]
+    args += ["--target", "hybrid", "--format", "torch_dist", "--run-layout", "megatron-bridge"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert (
+        "--run-layout megatron-bridge: Megatron-Bridge's run tree is written for GPTModel only"
+        in err
+    )
+    assert not (tmp_path / "out").exists()

@@ -220,7 +220,10 @@ def test_torch_dist_has_hybrid_names_and_megatron_core_restores_it(variants) -> 
     args = ["convert", "hf-to-megatron", str(converted.checkpoint.path), str(dist)]
     args += ["--target", "hybrid", "--format", "torch_dist", *convert_args(converted.bridge_dir)]
     assert main(args) == 0
-    metadata = FileSystemReader(str(dist)).read_metadata().state_dict_metadata
+    release = dist / "release"  # the iteration folder of the run tree hf-to-megatron writes
+    assert (dist / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
+    assert not (dist / "pretrain_gpt_args.txt").exists()  # its flags build GPTModel
+    metadata = FileSystemReader(str(release)).read_metadata().state_dict_metadata
     shapes = {k: tuple(v.size) for k, v in metadata.items() if hasattr(v, "size")}
     spec, h = converted.spec, converted.spec.hidden_size
     m, g = spec.moe, spec.gdn
@@ -252,13 +255,17 @@ def test_torch_dist_has_hybrid_names_and_megatron_core_restores_it(variants) -> 
     parallel = init_parallel()  # after the conversion, which derives the layout on its own
     try:
         model = converted.bridge.build_model(**parallel)
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(dist))
-        result = model.load_state_dict(state, strict=False)
+        # As Megatron-LM loads it: the model's state under "model", beside the common state.
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(release))
+        result = model.load_state_dict(state["model"], strict=False)
         logits, mtp = forward(converted, model)
     finally:
         destroy_parallel()
     assert not [k for k in result.missing_keys if not k.endswith("_extra_state")]
     assert not result.unexpected_keys
+    args = state["args"]  # Megatron-LM's args of a HybridModel run: the physical layer count
+    assert args.num_layers == 2 * spec.num_layers
+    assert args.hybrid_layer_pattern == converted.bridge.hybrid_layer_pattern
     assert delta(logits, converted.expected) <= TOLERANCE
     assert delta(mtp[0], converted.expected_mtp) <= TOLERANCE
     back = converted.tmp / "dist-back"
@@ -287,6 +294,7 @@ def test_gpt_and_hybrid_checkpoints_convert_into_each_other_bit_for_bit(variants
     )
     record = Record.read(hybrid)
     assert (record.target, record.format) == ("hybrid", "megatron-torch_dist")
+    assert (hybrid / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
     assert record.spec_sha256 == Record.read(gpt).spec_sha256
     with (
         megatron_reader(converted.bridge, hybrid) as retargeted,
@@ -298,6 +306,7 @@ def test_gpt_and_hybrid_checkpoints_convert_into_each_other_bit_for_bit(variants
     assert main(["convert", "hybrid-to-gpt", str(hybrid), str(gpt_again), *args]) == 0
     assert Record.read(gpt_again).target == "gpt"
     assert Record.read(gpt_again).format == "megatron-torch_dist"  # the source's format
+    assert (gpt_again / "pretrain_gpt_args.txt").is_file()  # a GPTModel run tree again
     with (
         CheckpointReader(gpt) as original,
         megatron_reader(
@@ -346,7 +355,8 @@ def test_a_trainers_hybrid_checkpoint_converts_to_hf_with_target_hybrid(
 ) -> None:
     """A Megatron-LM-style run (tracker + iter_0000001) that megatron-core's own
     `dist_checkpointing.save` wrote from HybridModel converts back to HF with `--target hybrid`,
-    bit for bit; read with the GPT bridge (the default) it fails, naming a tensor it lacks."""
+    bit for bit, and `verify --target hybrid` passes; read with the GPT bridge (the default) it
+    fails, naming a tensor it lacks."""
     from megatron.core import dist_checkpointing
 
     from qwen35_bridge.formats.megatron_lm import TRACKER_NAME, iteration_folder
@@ -374,6 +384,9 @@ def test_a_trainers_hybrid_checkpoint_converts_to_hf_with_target_hybrid(
     )
     assert main([*args, str(tmp_path / "hf"), *common, "--target", "hybrid"]) == 0
     files_equal(converted.checkpoint.path, tmp_path / "hf")
+    hf = str(converted.checkpoint.path)
+    assert main(["verify", hf, str(run), "--target", "hybrid"]) == 0
+    assert "PASS" in capsys.readouterr().out
 
 
 def test_wrong_physical_numbering_gives_wrong_logits_or_a_named_error(
@@ -441,7 +454,7 @@ def test_tp2_pp2_ep2_and_a_tp2_restore_equal_hf(variants) -> None:
         case("tp2-sp-moe", moe, parallel=dict(tp=2, sequence_parallel=True)),
         case("pp2-dense", dense, parallel=dict(pp=2)),
         case("tp2-vl", vl, parallel=dict(tp=2), vl=True),
-        case("tp2-restore", moe, parallel=dict(tp=2), torch_dist=dist),
+        case("tp2-restore", moe, parallel=dict(tp=2), torch_dist=dist / "release"),
         case("ep2-moe", moe, parallel=dict(ep=2)),
     ]
     ranks = run_ranks(run_cases, 2, cases)

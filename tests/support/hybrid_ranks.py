@@ -81,8 +81,9 @@ def _run(case: Case) -> CaseResult:
 def _restore(model: Any, checkpoint: Path) -> None:
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(checkpoint))
-    result = model.load_state_dict(state, strict=False)
+    # As Megatron-LM loads it: the model's state under "model", beside the common state.
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(checkpoint))
+    result = model.load_state_dict(state["model"], strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
         raise AssertionError(
