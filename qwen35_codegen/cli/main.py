@@ -169,7 +169,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.direction in ("gpt-to-hybrid", "hybrid-to-gpt"):
         from qwen35_codegen.cli.retargeting import retarget
 
-        for option in ("experts", "mtp_experts", "hf_config", "iteration", "fp8", "target"):
+        refused = (
+            "experts",
+            "mtp_experts",
+            "hf_config",
+            "iteration",
+            "fp8",
+            "target",
+            "run_layout",
+        )
+        for option in refused:
             if getattr(args, option) not in (None, False):
                 raise CodegenError(
                     f"--{option.replace('_', '-')}: not an option of {args.direction}, which "

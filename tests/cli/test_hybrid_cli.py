@@ -30,6 +30,7 @@ def test_retargeting_needs_a_checkpoint_written_by_codegen(tmp_path: Path, capsy
         ["--fp8"],
         ["--iteration", "3"],
         ["--accept-norm-rounding"],
+        ["--run-layout", "megatron-lm"],
     ],
 )
 def test_retargeting_refuses_options_that_would_change_the_tensors(
