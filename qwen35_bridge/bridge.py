@@ -1,6 +1,7 @@
 """BridgeBase: what every generated bridge is. The generated module supplies literal data (the
-mapping table, the megatron-core config, GPTModel's arguments); this class supplies behaviour: it
-builds the model, loads a checkpoint into it, and exports it, one group of tensors at a time.
+mapping table, the megatron-core config, the model class it targets and that class's arguments);
+this class supplies behaviour: it builds the model, loads a checkpoint into it, and exports it, one
+group of tensors at a time.
 """
 
 from __future__ import annotations
@@ -22,8 +23,21 @@ class BridgeBase(MappingTable):
 
     hf_architecture: ClassVar[str]
     spec_sha256: ClassVar[str]
-    gpt_model_args: ClassVar[dict[str, Any]]
     quantization: ClassVar[dict[str, Any] | None]
+    #: The megatron-core model class the table's names are those of (qwen35_bridge.targets):
+    #: `gpt` bridges give `gpt_model_args`, `hybrid` bridges `hybrid_model_args` and the pattern.
+    target: ClassVar[str] = "gpt"
+    gpt_model_args: ClassVar[dict[str, Any] | None] = None
+    hybrid_model_args: ClassVar[dict[str, Any] | None] = None
+    hybrid_layer_pattern: ClassVar[str | None] = None
+
+    @property
+    def model_args(self) -> dict[str, Any]:
+        """The arguments of the model class this bridge targets (vocabulary, rotary, tying)."""
+        args = self.hybrid_model_args if self.target == "hybrid" else self.gpt_model_args
+        if args is None:
+            raise TypeError(f"{type(self).__name__} gives no arguments for its {self.target} model")
+        return args
 
     def transformer_config(self, **overrides: Any) -> Any:
         raise NotImplementedError
@@ -31,10 +45,11 @@ class BridgeBase(MappingTable):
     # -- Live megatron-core models -----------------------------------------------------------------
 
     def build_model(self, *, params_dtype: torch.dtype | None = None, **overrides: Any) -> Any:
-        """This rank's megatron-core model (with virtual pipeline stages: the list of this rank's
-        chunks). Initialise parallel state first (`qwen35_bridge.megatron.parallel.init_parallel`,
-        whose return value belongs in `overrides`). Without Transformer Engine, the CPU backend
-        and its settings are used."""
+        """This rank's megatron-core model, of the class the bridge targets: GPTModel or
+        HybridModel (with virtual pipeline stages: the list of this rank's chunks). Initialise
+        parallel state first (`qwen35_bridge.megatron.parallel.init_parallel`, whose return value
+        belongs in `overrides`). Without Transformer Engine, the CPU backend and its settings are
+        used."""
         import torch
 
         from qwen35_bridge.megatron.gpt import build_gpt_model, cpu_config_overrides
@@ -48,10 +63,18 @@ class BridgeBase(MappingTable):
             "bf16": params_dtype == torch.bfloat16,
         } | overrides
         config = self.transformer_config(**settings)
+        build, args = build_gpt_model, self.model_args
+        if self.target == "hybrid":
+            from qwen35_bridge.megatron.hybrid import build_hybrid_model
+
+            build, args = build_hybrid_model, {
+                **args,
+                "hybrid_layer_pattern": self.hybrid_layer_pattern,
+            }
         chunks = settings.get("virtual_pipeline_model_parallel_size")
         if not chunks:
-            return build_gpt_model(config, **self.gpt_model_args)
-        return [build_gpt_model(config, **self.gpt_model_args, vp_stage=i) for i in range(chunks)]
+            return build(config, **args)
+        return [build(config, **args, vp_stage=i) for i in range(chunks)]
 
     def prefix_for(self, model: Any, *, language_model_only: bool = False) -> str:
         """The part of the bridge's names `model` holds: all of them, or, for the language model of
@@ -223,8 +246,8 @@ class BridgeBase(MappingTable):
             vision_config,
             self.vision_model_args,
             mrope_section=self.mrope_section,
-            rotary_percent=self.gpt_model_args["rotary_percent"],
-            rotary_base=self.gpt_model_args["rotary_base"],
+            rotary_percent=self.model_args["rotary_percent"],
+            rotary_base=self.model_args["rotary_base"],
         )
 
     def build(self, **kwargs: Any) -> Any:

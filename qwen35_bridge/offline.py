@@ -256,7 +256,7 @@ def hf_to_megatron(
         check_source(reader, bridge.hf_shapes, "HF")
         with staged_directory(destination, force=force, source=Path(source)) as staging:
             if output_format == "torch_dist":
-                report = _write_run(
+                report = write_run(
                     bridge, reader, staging, options, progress, Path(source), run_layout
                 )
             else:
@@ -426,8 +426,13 @@ def training_reader(
     folder = megatron_lm.resolve_iteration(source, iteration)
     section = megatron_bridge.read_model_section(folder)
     if section is not None:
+        if bridge.target != "gpt":
+            raise ConversionError(
+                f"{folder}: a Megatron-Bridge run (run_config.yaml) is read for GPTModel only; "
+                f"this bridge's target is {bridge.target}"
+            )
         architecture = torch_dist.layout(bridge).architecture
-        megatron_bridge.check_model_section(section, architecture, bridge.gpt_model_args, folder)
+        megatron_bridge.check_model_section(section, architecture, bridge.model_args, folder)
     if megatron_lm.is_torch_dist(folder):
         with torch_dist.Reader(bridge, folder, training=True) as reader:
             yield reader
@@ -457,34 +462,47 @@ class Requantize(OutputStage):
         return {name: weight, fp8.scale_name(name): scale}
 
 
-def _write_run(
+def write_run(
     bridge: BridgeBase,
     reader: TensorReader,
     staging: Path,
     options: ConvertOptions,
     progress: Progress,
-    source: Path,
+    source: Path | None,
     run_layout: str,
+    *,
+    megatron_source: bool = False,
 ) -> Report:
     """A run root as the trainer writes one: the tracker, and the iteration folder with the
     torch_dist checkpoint, whose common state holds Megatron-LM's args, checkpoint version and
     iteration (inside the data file, where megatron-core 0.19 keeps it), and the source's
     tokenizer files; Megatron-Bridge's run also gets its run_config.yaml and train state. The
-    model's flags for Megatron-LM's `pretrain_gpt.py` go beside the tracker."""
+    model's flags for Megatron-LM's `pretrain_gpt.py` go beside the tracker (GPTModel bridges
+    only: a HybridModel run's args record its layer pattern instead). `megatron_source`: the
+    reader holds the bridge's Megatron tensors already (a layout conversion), not HF ones."""
     from qwen35_bridge.formats import torch_dist
 
+    if bridge.target != "gpt" and run_layout == RUN_MEGATRON_BRIDGE:
+        raise ConversionError(
+            f"--run-layout {run_layout}: written for GPTModel only; this bridge's target is "
+            f"{bridge.target}"
+        )
     plan = torch_dist.layout(bridge)
-    args = megatron_lm.training_args(plan.architecture, bridge.gpt_model_args)
+    args = megatron_lm.training_args(plan.architecture, bridge.model_args)
+    if bridge.target == "hybrid":
+        args.hybrid_layer_pattern = bridge.hybrid_layer_pattern
     common = megatron_lm.common_state(args, iteration=0)
     name = megatron_lm.RELEASE if run_layout == RUN_MEGATRON_LM else 0
     folder = staging / megatron_lm.iteration_folder(name)
     folder.mkdir()
-    report = _write_torch_dist(bridge, reader, folder, options, progress, common)
+    report = _write_torch_dist(
+        bridge, reader, folder, options, progress, common, megatron_source=megatron_source
+    )
     copy_tokenizer_files(source, folder / TOKENIZER_FOLDER)
     if run_layout == RUN_MEGATRON_BRIDGE:
         section = megatron_bridge.model_section(
             plan.architecture,
-            bridge.gpt_model_args,
+            bridge.model_args,
             model_id=bridge.model_id,
             vision_language=bridge.is_vl,
         )
@@ -495,8 +513,9 @@ def _write_run(
             staging / megatron_bridge.LATEST_TRAIN_STATE_NAME,
         )
     megatron_lm.write_tracker(staging, name)
-    words = megatron_lm.pretrain_gpt_flags(plan.architecture, bridge.gpt_model_args)
-    (staging / megatron_lm.PRETRAIN_ARGS_NAME).write_text("".join(f"{w}\n" for w in words))
+    if bridge.target == "gpt":
+        words = megatron_lm.pretrain_gpt_flags(plan.architecture, bridge.model_args)
+        (staging / megatron_lm.PRETRAIN_ARGS_NAME).write_text("".join(f"{w}\n" for w in words))
     return report
 
 
@@ -507,13 +526,17 @@ def _write_torch_dist(
     options: ConvertOptions,
     progress: Progress,
     common: dict[str, Any],
+    *,
+    megatron_source: bool = False,
 ) -> Report:
     from qwen35_bridge.formats import torch_dist
 
-    planned = plan(bridge.groups, reader, "hf", "megatron")
+    planned = plan(bridge.groups, reader, "megatron" if megatron_source else "hf", "megatron")
     dtypes = {p.name: p.dtype for p in planned}
 
     def convert(group: Group) -> dict[str, torch.Tensor]:
+        if megatron_source:
+            return reader.get_many(list(group.megatron))
         return group.to_megatron({name: reader.get(name) for name in group.hf}, options)
 
     progress.start(len(planned), sum(p.nbytes for p in planned))
@@ -528,7 +551,8 @@ def _write_torch_dist(
         )
     finally:
         progress.finish()
-    return Report(len(bridge.hf_shapes), len(planned), written)
+    read = len(planned) if megatron_source else len(bridge.hf_shapes)
+    return Report(read, len(planned), written)
 
 
 def record_root(path: Path) -> Path | None:

@@ -10,6 +10,7 @@ import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from qwen35_bridge.targets import DEFAULT_TARGET, require_target
 from qwen35_codegen import checkout, sources
 from qwen35_codegen.errors import CodegenError
 from qwen35_codegen.registry import index as bridge_index
@@ -31,6 +32,7 @@ class Request:
     index: Path | None = None
     choices: LayoutChoices = LayoutChoices()
     name: str | None = None
+    target: str = DEFAULT_TARGET  # the megatron-core model class (qwen35_bridge.targets)
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,15 @@ def options_of(request: Request) -> dict[str, str]:
             options[key] = value
     if request.name is not None:
         options["name"] = request.name
+    if request.target != DEFAULT_TARGET:
+        options["target"] = request.target
     return options
+
+
+def default_module(model_id: str, target: str) -> str:
+    """The module name of a model's bridge: from its id, with the target after it unless `gpt`."""
+    name = module_name(model_id)
+    return name if target == DEFAULT_TARGET else f"{name}_{target}"
 
 
 def command_of(ref: str, options: dict[str, str]) -> str:
@@ -92,6 +102,10 @@ def command_of(ref: str, options: dict[str, str]) -> str:
 
 def generate(request: Request) -> Generated:
     """Render the bridge for `request` (nothing is written)."""
+    try:
+        require_target(request.target)
+    except ValueError as e:
+        raise CodegenError(f"--target: {e}") from None
     source, spec = infer(request)
     if spec.needs_mtp_experts_choice:
         raise CodegenError(
@@ -100,11 +114,11 @@ def generate(request: Request) -> Generated:
         )
     options = options_of(request)
     command = command_of(source.ref, options)
-    module = request.name or module_name(source.model_id)
+    module = request.name or default_module(source.model_id, request.target)
     origin = Origin(
         source.ref, source.provenance, source.config_sha256, source.index_sha256, command
     )
-    text = render_bridge(spec, source.model_id, origin)
+    text = render_bridge(spec, source.model_id, origin, request.target)
     entry = bridge_index.Entry(
         model_id=source.model_id,
         module=module,
@@ -127,16 +141,23 @@ def write(generated: Generated, out: Path) -> list[Path]:
     files = {out / name: text for name, text in generated.files().items()}
     if out.resolve() == checkout.GENERATED.resolve():
         entries = bridge_index.read(checkout.GENERATED)
+        new = generated.entry
         clash = [
             e
             for e in entries.values()
-            if e.module == generated.module and e.model_id != generated.entry.model_id
+            if e.module == new.module and (e.model_id, e.target) != (new.model_id, new.target)
         ]
         if clash:
             raise CodegenError(
-                f"module {generated.module} already holds {clash[0].model_id}; pass --name"
+                f"module {new.module} already holds {clash[0].model_id} "
+                f"(target {clash[0].target}); pass --name"
             )
-        entries[generated.entry.model_id] = generated.entry
+        entries = {
+            module: e
+            for module, e in entries.items()
+            if (e.model_id, e.target) != (new.model_id, new.target)
+        }
+        entries[new.module] = new
         files.update(
             {checkout.GENERATED / name: text for name, text in bridge_index.render(entries).items()}
         )
@@ -258,6 +279,7 @@ def _request(ref: str, opts: dict[str, str]) -> Request:
             hf_prefix=opts.get("hf_prefix"),
         ),
         name=opts.get("name"),
+        target=opts.get("target", DEFAULT_TARGET),
     )
 
 

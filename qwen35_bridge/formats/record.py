@@ -1,7 +1,8 @@
 """The record a Megatron checkpoint written by this project keeps beside its tensors, defined once.
 
 `codegen.json` says which model and bridge wrote it, the bridge's spec (as data, with its
-fingerprint), the tensor format, and which tensors were FP8 in the source. The HF config and
+fingerprint), the megatron-core model class whose names the tensors have (its target: `gpt` or
+`hybrid`, `gpt` when absent), the tensor format, and which tensors were FP8 in the source. The HF config and
 generation config are kept too (`hf_config.json`, `hf_generation_config.json`), so that the way back
 needs no other input. Reading the record checks its schema; whether its spec is the model's is for
 the generator to judge (it infers specs).
@@ -17,6 +18,7 @@ from typing import Any
 
 from qwen35_bridge.errors import ConversionError
 from qwen35_bridge.paths import CONFIG_NAME, GENERATION_CONFIG_NAME, TOKENIZER_FILES
+from qwen35_bridge.targets import DEFAULT_TARGET, TARGETS
 
 RECORD_NAME = "codegen.json"
 HF_CONFIG_NAME = "hf_config.json"
@@ -39,12 +41,15 @@ class Record:
     bridge_module: str
     format: str = FORMAT_SAFETENSORS
     fp8_tensors: tuple[str, ...] = field(default=())
+    target: str = DEFAULT_TARGET
 
     def write(self, directory: Path) -> None:
         data = asdict(self)
         data["fp8_tensors"] = list(self.fp8_tensors)
         if not self.fp8_tensors:
             del data["fp8_tensors"]
+        if self.target == DEFAULT_TARGET:
+            del data["target"]
         (Path(directory) / RECORD_NAME).write_text(
             json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
@@ -71,6 +76,11 @@ class Record:
         fp8 = data.get("fp8_tensors", [])
         if not isinstance(fp8, list) or not all(isinstance(n, str) for n in fp8):
             raise ConversionError(f"{path}: fp8_tensors must be a list of tensor names")
+        target = data.get("target", DEFAULT_TARGET)
+        if target not in TARGETS:
+            raise ConversionError(
+                f"{path}: unknown target {target!r}; expected one of {', '.join(TARGETS)}"
+            )
         return cls(
             model_id=data["model_id"],
             spec_sha256=str(data.get("spec_sha256", "")),
@@ -78,6 +88,7 @@ class Record:
             bridge_module=str(data.get("bridge_module", "")),
             format=fmt,
             fp8_tensors=tuple(fp8),
+            target=target,
         )
 
 

@@ -54,13 +54,37 @@ class Group:
 
 @dataclass(frozen=True)
 class MappingBase:
-    """Common parts: the Megatron name template and the layers it covers (empty: not per layer)."""
+    """Common parts: the Megatron name template and the layers it covers (empty: not per layer).
+
+    `{i}` in a name is the layer. A table for HybridModel, whose decoder numbers each logical
+    layer's mixer and MLP separately, gives `megatron_layers` too: the Megatron name then carries
+    `{j}`, the physical layer of logical layer `layers[k]` being `megatron_layers[k]`, while the
+    HF name keeps `{i}` (docs/reference.md section 12)."""
 
     megatron: str
     layers: tuple[int, ...] = ()
+    megatron_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        numbered = bool(self.megatron_layers)
+        if numbered and len(self.megatron_layers) != len(self.layers):
+            raise ValueError(
+                f"{self.megatron}: {len(self.layers)} layers but "
+                f"{len(self.megatron_layers)} megatron_layers"
+            )
+        if numbered and ("{j}" not in self.megatron or "{i}" in self.megatron):
+            raise ValueError(
+                f"{self.megatron}: with megatron_layers the Megatron name numbers its layer {{j}}"
+            )
+        if not numbered and "{j}" in self.megatron:
+            raise ValueError(f"{self.megatron}: {{j}} needs megatron_layers")
 
     def groups(self) -> Iterator[Group]:
-        for index in [{"i": i} for i in self.layers] or [{}]:
+        if self.megatron_layers:
+            indices = [{"i": i, "j": j} for i, j in zip(self.layers, self.megatron_layers)]
+        else:
+            indices = [{"i": i} for i in self.layers]
+        for index in indices or [{}]:
             yield from self._groups(index)
 
     def _groups(self, index: dict[str, int]) -> Iterator[Group]:

@@ -1,4 +1,5 @@
-"""Build megatron-core's real Qwen3.5 GPTModel and read its logits, on CPU or GPU.
+"""Build megatron-core's real Qwen3.5 GPTModel and read its logits (or HybridModel's, which
+`hybrid.py` builds: the logits path is the same), on CPU or GPU.
 
 The model comes from megatron-core's own hybrid spec (Gated DeltaNet + gated attention) and MTP
 block spec, so a bridge is proven against the code that trains these models; on a machine
@@ -95,7 +96,9 @@ def build_gpt_model(
 
 @torch.no_grad()
 def forward_logits(model: GPTModel, input_ids: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """Full-vocabulary logits ``[b, s, V]`` of the main head and of each MTP layer, in eval mode.
+    """Full-vocabulary logits ``[b, s, V]`` of the main head and of each MTP layer, in eval mode
+    (GPTModel or HybridModel: both run the MTP block, then the output layer per MTP layer and for
+    the main head).
 
     Every rank returns the same tensors: vocab-parallel logits are gathered over TP, and with
     pipeline parallelism the stages run in order (hidden states sent over the process group)

@@ -22,6 +22,8 @@ from qwen35_bridge.versions import require_pinned_megatron_core
 
 _GPT_LAYER_SPECS = "megatron.core.models.gpt.gpt_layer_specs"
 _HYBRID_SPECS = "megatron.core.models.gpt.experimental_attention_variant_module_specs"
+_HYBRID_BLOCK = "megatron.core.models.hybrid.hybrid_block"
+_ATTENTION = "megatron.core.transformer.attention"
 _GDN_COMMON = "megatron.core.ssm.gated_delta_net.common"
 _RNG = "megatron.core.tensor_parallel.random"
 
@@ -32,6 +34,11 @@ PATCHED_ATTRIBUTES: tuple[tuple[str, str], ...] = (
     (_GPT_LAYER_SPECS, "TESpecProvider"),
     # The final norm of get_gpt_decoder_block_spec(use_transformer_engine=True); None without TE.
     (_GPT_LAYER_SPECS, "TENorm"),
+    # HybridModel's stack builds its final norm from this name (a stand-in without TE).
+    (_HYBRID_BLOCK, "TENorm"),
+    # SelfAttention's q/k norm when the spec names none, as HybridModel's attention layer spec
+    # does; None without TE.
+    (_ATTENTION, "TENorm"),
     # FLA's Triton l2norm, called on q and k by the GDN layer; it fails on CPU. The package
     # __init__ holds only a copy of the name: the call site looks it up here.
     (_GDN_COMMON, "l2norm"),
@@ -153,6 +160,8 @@ def _install_backend() -> None:
     _patch(_GPT_LAYER_SPECS, "TESpecProvider", CPUSpecProvider)
     _patch(_GPT_LAYER_SPECS, "TENorm", CPUNorm)
     _patch(_HYBRID_SPECS, "TESpecProvider", CPUSpecProvider)
+    _patch(_HYBRID_BLOCK, "TENorm", CPUNorm)
+    _patch(_ATTENTION, "TENorm", CPUNorm)
     _patch(_GDN_COMMON, "l2norm", torch_l2norm)
 
 

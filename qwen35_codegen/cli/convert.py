@@ -14,6 +14,7 @@ from qwen35_bridge.bridge import BridgeBase
 from qwen35_bridge.errors import ConversionError
 from qwen35_bridge.formats.record import RECORD_NAME, Record
 from qwen35_bridge.mapping.kinds import ConvertOptions
+from qwen35_bridge.targets import DEFAULT_TARGET
 from qwen35_codegen import checkout, sources
 from qwen35_codegen.cli.progress import for_terminal
 from qwen35_codegen.registry.lookup import (
@@ -36,17 +37,26 @@ def hf_to_megatron(
     dequantize_to: str = "bfloat16",
     run_layout: str | None = None,
     quiet: bool = False,
+    target: str = DEFAULT_TARGET,
 ) -> offline.Report:
     if run_layout is not None and output_format != "torch_dist":
         raise ConversionError(
             f"--run-layout {run_layout}: a run tree holds a torch_dist checkpoint; add --format torch_dist"
         )
-    bridge, spec, source = bridge_for_checkpoint(src, bridge_dir=bridge_dir, quiet=quiet)
+    if run_layout == offline.RUN_MEGATRON_BRIDGE and target != DEFAULT_TARGET:
+        raise ConversionError(
+            f"--run-layout {run_layout}: Megatron-Bridge's run tree is written for GPTModel only, "
+            f"not --target {target}"
+        )
+    bridge, spec, source = bridge_for_checkpoint(
+        src, bridge_dir=bridge_dir, quiet=quiet, target=target
+    )
     record = Record(
         model_id=source.model_id,
         spec_sha256=spec.fingerprint(),
         spec=spec.to_dict(),
         bridge_module=type(bridge).__module__,
+        target=target,
     )
     options = ConvertOptions(allow_norm_rounding=allow_norm_rounding)
     progress = for_terminal(f"{src.name} -> Megatron", quiet=quiet)
@@ -79,6 +89,7 @@ def megatron_to_hf(
     quiet: bool = False,
     hf_config: str | None = None,
     iteration: int | None = None,
+    target: str | None = None,
 ) -> offline.Report:
     root = offline.record_root(src)
     if root is None:
@@ -87,6 +98,7 @@ def megatron_to_hf(
             dst,
             hf_config=hf_config,
             iteration=iteration,
+            target=target or DEFAULT_TARGET,
             experts=experts,
             mtp_experts=mtp_experts,
             fp8=fp8,
@@ -102,6 +114,11 @@ def megatron_to_hf(
             "its model; they are for a trainer's checkpoint"
         )
     record, spec = recorded_spec(root)
+    if target is not None and target != record.target:
+        raise ConversionError(
+            f"--target {target}: {src} holds {record.target} tensors, as its {RECORD_NAME} "
+            f"records; convert it with `codegen convert {record.target}-to-{target}` first"
+        )
     spec = _with_layouts(spec, experts, mtp_experts)
     if fp8 and spec.quantization is None:
         raise ConversionError(
@@ -109,7 +126,9 @@ def megatron_to_hf(
         )
     if not fp8:
         spec = dataclasses.replace(spec, quantization=None)
-    bridge = bridge_for_spec(spec, record.model_id, bridge_dir=bridge_dir, quiet=quiet)
+    bridge = bridge_for_spec(
+        spec, record.model_id, bridge_dir=bridge_dir, quiet=quiet, target=record.target
+    )
     progress = for_terminal(f"{src.name} -> HF", quiet=quiet)
     return offline.megatron_to_hf(
         bridge,
@@ -129,6 +148,7 @@ def _training_to_hf(
     *,
     hf_config: str | None,
     iteration: int | None,
+    target: str,
     experts: str | None,
     mtp_experts: str | None,
     fp8: bool,
@@ -143,7 +163,13 @@ def _training_to_hf(
     if fp8:
         raise ConversionError("--fp8: a trainer's checkpoint records no FP8 scope to restore")
     bridge, _spec, source = bridge_for_model(
-        src, hf_config, experts=experts, mtp_experts=mtp_experts, bridge_dir=bridge_dir, quiet=quiet
+        src,
+        hf_config,
+        experts=experts,
+        mtp_experts=mtp_experts,
+        bridge_dir=bridge_dir,
+        quiet=quiet,
+        target=target,
     )
     progress = for_terminal(f"{src.name} -> HF", quiet=quiet)
     report = offline.training_to_hf(
@@ -179,9 +205,11 @@ def bridge_for_model(
     mtp_experts: str | None = None,
     bridge_dir: Path | None = None,
     quiet: bool = False,
+    target: str = DEFAULT_TARGET,
 ) -> tuple[BridgeBase, ModelSpec, sources.Source]:
     """The bridge for a trainer's checkpoint `src`, whose model `hf_config` names (its HF
-    tensors unquantised, their expert layouts the reference's or as asked), and its spec."""
+    tensors unquantised, their expert layouts the reference's or as asked) and which model
+    class `target` says wrote it, and its spec."""
     if hf_config is None:
         raise ConversionError(
             f"{src}: no {RECORD_NAME}, so not written by codegen convert; for a trainer's "
@@ -193,7 +221,9 @@ def bridge_for_model(
         source.config, weight_map=source.weight_map, statements=source.statements, choices=choices
     )
     spec = dataclasses.replace(spec, quantization=None)
-    bridge = bridge_for_spec(spec, source.model_id, bridge_dir=bridge_dir, quiet=quiet)
+    bridge = bridge_for_spec(
+        spec, source.model_id, bridge_dir=bridge_dir, quiet=quiet, target=target
+    )
     return bridge, spec, source
 
 

@@ -12,10 +12,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qwen35_bridge.errors import BridgeError
+from qwen35_bridge.targets import DEFAULT_TARGET, TARGETS
 from qwen35_codegen.errors import CodegenError
 
 LAYOUTS = ("packed", "per_expert")
 HF_PREFIXES = ("model.", "model.language_model.")
+DIRECTIONS = ("hf-to-megatron", "megatron-to-hf", "gpt-to-hybrid", "hybrid-to-gpt")
 
 
 def _add_source_options(p: argparse.ArgumentParser) -> None:
@@ -40,8 +42,16 @@ def _request(args: argparse.Namespace):  # -> pipeline.Request
         experts=args.experts, mtp_experts=args.mtp_experts, hf_prefix=args.hf_prefix
     )
     return Request(
-        ref=args.ref, index=args.index, choices=choices, name=getattr(args, "name", None)
+        ref=args.ref,
+        index=args.index,
+        choices=choices,
+        name=getattr(args, "name", None),
+        target=getattr(args, "target", None) or DEFAULT_TARGET,
     )
+
+
+def _add_target_option(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--target", choices=TARGETS, help=help)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -156,14 +166,41 @@ def cmd_convert(args: argparse.Namespace) -> int:
         max_shard_bytes=args.max_shard_size,
         quiet=args.quiet,
     )
-    if args.direction == "hf-to-megatron":
+    if args.direction in ("gpt-to-hybrid", "hybrid-to-gpt"):
+        from qwen35_codegen.cli.retargeting import retarget
+
+        refused = (
+            "experts",
+            "mtp_experts",
+            "hf_config",
+            "iteration",
+            "fp8",
+            "target",
+            "run_layout",
+        )
+        for option in refused:
+            if getattr(args, option) not in (None, False):
+                raise CodegenError(
+                    f"--{option.replace('_', '-')}: not an option of {args.direction}, which "
+                    "renames the checkpoint's tensors and changes nothing else"
+                )
+        if args.accept_norm_rounding:
+            raise CodegenError(
+                f"--accept-norm-rounding: {args.direction} shifts no norm (tensors are copied)"
+            )
+        source_target, _, target = args.direction.partition("-to-")
+        report = retarget(
+            args.src, args.dst, source_target, target, output_format=args.format, **common
+        )
+    elif args.direction == "hf-to-megatron":
         report = conversion.hf_to_megatron(
             args.src,
             args.dst,
-            output_format=args.format,
+            output_format=args.format or "safetensors",
             allow_norm_rounding=args.accept_norm_rounding,
             dequantize_to=args.dequantize_to,
             run_layout=args.run_layout,
+            target=args.target or DEFAULT_TARGET,
             **common,
         )
     else:
@@ -176,6 +213,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             allow_norm_rounding=args.accept_norm_rounding,
             hf_config=args.hf_config,
             iteration=args.iteration,
+            target=args.target,
             **common,
         )
     if not args.quiet:
@@ -197,6 +235,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             seed=args.seed,
             tolerance=args.tolerance,
             iteration=args.iteration,
+            target=args.target,
         )
     print(f"max |delta| logits: {verdict.logits_delta:.3e}")
     for i, delta in enumerate(verdict.mtp_deltas):
@@ -223,18 +262,35 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="output folder (default, in a checkout: qwen35_bridge/generated/, whose index is updated; required when installed)",
     )
-    p.add_argument("--name", help="module name (default: derived from the model id)")
+    p.add_argument(
+        "--name",
+        help="module name (default: derived from the model id, with _hybrid for --target hybrid)",
+    )
+    _add_target_option(
+        p,
+        "the megatron-core model class whose names the bridge maps: gpt (GPTModel, default) or hybrid (HybridModel)",
+    )
     p = verb("inspect", cmd_inspect, "print the inferred spec as JSON")
     _add_source_options(p)
-    p = verb("convert", cmd_convert, "convert a checkpoint on disk (HF safetensors <-> Megatron)")
-    p.add_argument("direction", choices=("hf-to-megatron", "megatron-to-hf"))
+    p = verb(
+        "convert",
+        cmd_convert,
+        "convert a checkpoint on disk (HF safetensors <-> Megatron, or a Megatron checkpoint between the GPTModel and HybridModel layouts)",
+    )
+    p.add_argument("direction", choices=DIRECTIONS)
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
     p.add_argument(
         "--format",
         choices=("safetensors", "torch_dist"),
-        default="safetensors",
-        help="hf-to-megatron: Megatron output format (megatron-to-hf reads either)",
+        help="Megatron output format of hf-to-megatron (default safetensors) and of gpt-to-hybrid / "
+        "hybrid-to-gpt (default: the source's); megatron-to-hf reads either",
+    )
+    _add_target_option(
+        p,
+        "hf-to-megatron: the megatron-core model class to write for, gpt (GPTModel, default) or "
+        "hybrid (HybridModel); megatron-to-hf: the class a trainer's checkpoint comes from (a "
+        "checkpoint written by codegen convert records its own)",
     )
     p.add_argument(
         "--run-layout",
@@ -304,9 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="a trainer's run root: this iteration instead of the tracked one",
     )
+    _add_target_option(
+        p,
+        "a trainer's checkpoint: the megatron-core model class it comes from, gpt (GPTModel, "
+        "default) or hybrid (HybridModel); a checkpoint written by codegen convert records its own",
+    )
     verb("check", cmd_check, "regenerate every committed bridge and fail on any difference")
     p = verb("summary", cmd_summary, "describe a bridge in Markdown for its pull request")
     _add_source_options(p)
+    _add_target_option(p, "the bridge's target model class (gpt by default), as for generate")
     p = verb("diff", cmd_diff, "what changes between two bridges: spec, key manifest, then code")
     side = (
         "a reference as for generate (default layouts), a generated module file (qwen35_bridge/generated/x.py), "

@@ -45,12 +45,14 @@ def verify(
     seed: int = 0,
     tolerance: float = DEFAULT_TOLERANCE,
     iteration: int | None = None,
+    target: str | None = None,
     quiet: bool = False,
 ) -> Verdict:
     """Both models in fp32 on a prompt of `tokens` tokens (longer than GDN's chunk of 64 by
     default): random text, and for a VL model one synthetic image within it. Both checkpoints are
     checked against the bridge before either model is built. The Megatron side is one `codegen
-    convert` wrote, or a trainer's checkpoint of the HF folder's model (`iteration` picks one)."""
+    convert` wrote (its record names the model class, GPTModel or HybridModel), or a trainer's
+    checkpoint of the HF folder's model (`iteration` picks one, `target` its model class)."""
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     import torch
 
@@ -77,9 +79,15 @@ def verify(
             raise CodegenError(
                 "verify runs the HF model in fp32: FP8 checkpoints are not supported"
             )
-        bridge = bridge_for_spec(spec, record.model_id, quiet=quiet)
+        if target is not None and target != record.target:
+            raise CodegenError(
+                f"--target {target}: {megatron_dir} holds {record.target} tensors, as its record says"
+            )
+        bridge = bridge_for_spec(spec, record.model_id, quiet=quiet, target=record.target)
     else:  # a trainer's checkpoint of the HF folder's model
-        bridge, spec, _source = bridge_for_model(megatron_dir, str(hf_dir), quiet=quiet)
+        bridge, spec, _source = bridge_for_model(
+            megatron_dir, str(hf_dir), quiet=quiet, target=target or "gpt"
+        )
     with CheckpointReader(hf_dir) as reader:
         check_source(reader, bridge.hf_shapes, "HF")
         mtp = {name: reader.get(name).float() for name in reader.names() if name.startswith("mtp.")}

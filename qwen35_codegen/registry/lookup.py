@@ -1,6 +1,6 @@
-"""Find the bridge for a checkpoint or a spec: a committed one whose recorded spec fingerprint
-matches, or one generated on the spot into a cache folder (never into qwen35_bridge/generated/,
-which holds reviewed code).
+"""Find the bridge for a checkpoint or a spec and a target model class: a committed one whose
+recorded spec fingerprint and target match, or one generated on the spot into a cache folder (never
+into qwen35_bridge/generated/, which holds reviewed code).
 
 A Megatron checkpoint written by `codegen convert` records its spec; `recorded_spec` holds that
 record against itself and against the HF config kept beside it before any tensor is read.
@@ -23,6 +23,7 @@ from qwen35_bridge.formats.record import (
     read_hf_config,
 )
 from qwen35_bridge.paths import INDEX_NAME, SINGLE_FILE_NAME, cache_root
+from qwen35_bridge.targets import DEFAULT_TARGET
 from qwen35_codegen import checkout, sources
 from qwen35_codegen.errors import CodegenError
 from qwen35_codegen.registry import index as bridge_index
@@ -39,35 +40,46 @@ from qwen35_codegen.spec import LayoutChoices, ModelSpec, infer_spec
 GENERATED_PACKAGE = "qwen35_bridge.generated"
 
 
-def find_committed(spec: ModelSpec) -> str | None:
-    """The module name of a committed bridge with exactly this spec, if any."""
+def find_committed(spec: ModelSpec, target: str = DEFAULT_TARGET) -> str | None:
+    """The module name of a committed bridge with exactly this spec and target, if any."""
     fingerprint = spec.fingerprint()
     for entry in bridge_index.read(checkout.GENERATED).values():
-        if entry.spec_sha256 == fingerprint:
+        if entry.spec_sha256 == fingerprint and entry.target == target:
             return entry.module
     return None
 
 
 def bridge_for(
-    spec: ModelSpec, model_id: str, origin: Origin, *, bridge_dir: Path | None = None
+    spec: ModelSpec,
+    model_id: str,
+    origin: Origin,
+    *,
+    bridge_dir: Path | None = None,
+    target: str = DEFAULT_TARGET,
 ) -> tuple[BridgeBase, str]:
-    """A bridge instance for `spec`, and where its module is (for the user to read). A bridge
-    generated earlier by this same build for this spec is reused without rendering it again."""
-    committed = find_committed(spec)
+    """A bridge instance for `spec` and `target`, and where its module is (for the user to read).
+    A bridge generated earlier by this same build for this spec and target is reused without
+    rendering it again."""
+    committed = find_committed(spec, target)
     if committed is not None:
         module = importlib.import_module(f"{GENERATED_PACKAGE}.{committed}")
         return module.Bridge(), f"qwen35_bridge/generated/{committed}.py (committed)"
     folder = bridge_dir or cache_root() / "bridges"
-    path = folder / f"{module_name(model_id)}_{spec.fingerprint()[:12]}_{build_digest()[:8]}.py"
+    stem = module_name(model_id) + ("" if target == DEFAULT_TARGET else f"_{target}")
+    path = folder / f"{stem}_{spec.fingerprint()[:12]}_{build_digest()[:8]}.py"
     if not path.is_file():
-        write_atomic(path, render_bridge(spec, model_id, origin))
+        write_atomic(path, render_bridge(spec, model_id, origin, target))
     return _load_file(path).Bridge(), f"{path} (generated for this conversion)"
 
 
 def bridge_for_checkpoint(
-    directory: Path, *, bridge_dir: Path | None = None, quiet: bool = False
+    directory: Path,
+    *,
+    bridge_dir: Path | None = None,
+    quiet: bool = False,
+    target: str = DEFAULT_TARGET,
 ) -> tuple[BridgeBase, ModelSpec, sources.Source]:
-    """The bridge whose spec matches an HF checkpoint folder's config and index."""
+    """The bridge for `target` whose spec matches an HF checkpoint folder's config and index."""
     from qwen35_codegen.pipeline import command_of
 
     source = sources.resolve(str(directory), repo_root=checkout.REPO_ROOT)
@@ -79,17 +91,22 @@ def bridge_for_checkpoint(
         source.provenance,
         source.config_sha256,
         source.index_sha256,
-        command_of(source.ref, {}),
+        command_of(source.ref, {} if target == DEFAULT_TARGET else {"target": target}),
     )
-    bridge, where = bridge_for(spec, source.model_id, origin, bridge_dir=bridge_dir)
+    bridge, where = bridge_for(spec, source.model_id, origin, bridge_dir=bridge_dir, target=target)
     _say(f"bridge: {where}", quiet)
     return bridge, spec, source
 
 
 def bridge_for_spec(
-    spec: ModelSpec, model_id: str, *, bridge_dir: Path | None = None, quiet: bool = False
+    spec: ModelSpec,
+    model_id: str,
+    *,
+    bridge_dir: Path | None = None,
+    quiet: bool = False,
+    target: str = DEFAULT_TARGET,
 ) -> BridgeBase:
-    """The bridge for a spec recorded with a Megatron checkpoint."""
+    """The bridge for a spec (and target) recorded with a Megatron checkpoint."""
     origin = Origin(
         f"spec {spec.fingerprint()}",
         "recorded with a Megatron checkpoint",
@@ -97,7 +114,7 @@ def bridge_for_spec(
         None,
         "codegen convert",
     )
-    bridge, where = bridge_for(spec, model_id, origin, bridge_dir=bridge_dir)
+    bridge, where = bridge_for(spec, model_id, origin, bridge_dir=bridge_dir, target=target)
     _say(f"bridge: {where}", quiet)
     return bridge
 

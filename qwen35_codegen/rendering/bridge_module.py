@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from qwen35_bridge import targets
 from qwen35_bridge.versions import MEGATRON_CORE_SERIES
 from qwen35_codegen import __version__
 from qwen35_codegen.errors import CodegenError
@@ -90,6 +91,79 @@ def _int_tuple(values: tuple[int, ...], name: str) -> str:
     return "(\n" + "\n".join(f"    {ln}" for ln in lines) + "\n)"
 
 
+def _pattern_literal(pattern: str, name: str) -> str:
+    """A hybrid layer pattern as a string literal; past the line length, as adjacent literals in
+    parentheses, each holding whole repeats of the schedule (whole logical layers if it has
+    none), the MTP part last."""
+    if len(f'{name} = "{pattern}"') <= LINE_LENGTH:
+        return f'"{pattern}"'
+    pairs = targets.logical_layers(pattern)
+    block = describe.period(tuple(pairs))
+    if 2 * block > LINE_LENGTH - 6:
+        block = 1
+    units = ["".join(pairs[i : i + block]) for i in range(0, len(pairs), block)]
+    pieces, piece = [], ""
+    for unit in units:
+        if piece and len(piece) + len(unit) > LINE_LENGTH - 6:
+            pieces.append(piece)
+            piece = ""
+        piece += unit
+    pieces.append(piece)
+    mtp = pattern[len("".join(pairs)) :]
+    if mtp:
+        pieces.append(mtp)
+    return "(\n" + "\n".join(f'    "{p}"' for p in pieces) + "\n)"
+
+
+@dataclass(frozen=True)
+class TargetNames:
+    """The Megatron names a target's model class gives the parts that differ between targets:
+    decoder layers (a logical layer's mixer, its MLP), the final norm, an MTP layer's inner layers.
+    """
+
+    mixer: str
+    mlp: str
+    final_norm: str
+    mtp_mixer: str
+    mtp_mlp: str
+    mtp_note: str = ""
+
+
+TARGET_NAMES = {
+    "gpt": TargetNames(
+        mixer="decoder.layers.{i}.",
+        mlp="decoder.layers.{i}.",
+        final_norm="decoder.final_layernorm.weight",
+        mtp_mixer="mtp.layers.{i}.mtp_model_layer.",
+        mtp_mlp="mtp.layers.{i}.mtp_model_layer.",
+    ),
+    "hybrid": TargetNames(
+        mixer="decoder.layers.{j}.",
+        mlp="decoder.layers.{j}.",
+        final_norm="decoder.final_norm.weight",
+        mtp_mixer="mtp.layers.{i}.mtp_model_layer.layers.0.",
+        mtp_mlp="mtp.layers.{i}.mtp_model_layer.layers.1.",
+        mtp_note="Each MTP layer's inner stack is its pattern pair: layers.0 the attention, layers.1 the MLP.",
+    ),
+}
+
+
+def _hybrid_lists(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
+    """The HybridModel layer of each entry of each logical decoder list: 2i for a mixer, 2i + 1
+    for an MLP (docs/reference.md section 12)."""
+    physical = {
+        "GDN_LAYERS": targets.mixer_layer,
+        "ATTENTION_LAYERS": targets.mixer_layer,
+        "DENSE_MLP_LAYERS": targets.mlp_layer,
+        "MOE_LAYERS": targets.mlp_layer,
+    }
+    return [
+        (f"HYBRID_{name}", tuple(physical[name](i) for i in values))
+        for name, values in _layer_lists(spec)
+        if name in physical
+    ]
+
+
 def _section(title: str) -> str:
     """A comment rule that opens a section of the mapping table, padded to a fixed width."""
     head = f"# -- {title} "
@@ -124,6 +198,7 @@ def _environment() -> Any:
     env.filters["wrap"] = _wrap
     env.filters["python_string"] = _python_string
     env.filters["docstring_text"] = _docstring_text
+    env.filters["pattern_literal"] = _pattern_literal
     return env
 
 
@@ -162,12 +237,21 @@ def _imports(spec: ModelSpec) -> tuple[list[str], list[str], list[str]]:
     return sorted(kinds), sorted(splits), sorted(dims)
 
 
-def render_bridge(spec: ModelSpec, model_id: str, origin: Origin) -> str:
-    """The formatted source of the bridge module for `spec`."""
+def render_bridge(
+    spec: ModelSpec, model_id: str, origin: Origin, target: str = targets.DEFAULT_TARGET
+) -> str:
+    """The formatted source of the bridge module for `spec`, whose Megatron names are those of
+    the model class `target` names (qwen35_bridge.targets)."""
+    targets.require_target(target)
     kinds, splits, dims = _imports(spec)
     if spec.needs_mtp_experts_choice:
         raise ValueError("the MTP experts layout must be decided before rendering")
     quantization = repr(asdict(spec.quantization)) if spec.quantization else "None"
+    hybrid = target == "hybrid"
+    hybrid_lists = _hybrid_lists(spec) if hybrid else []
+    pattern = targets.hybrid_layer_pattern(
+        spec.layer_types, spec.mlp_types, spec.mtp_layers, spec.mtp_mlp_type
+    )
     text = (
         _environment()
         .get_template("bridge.py.j2")
@@ -188,6 +272,11 @@ def render_bridge(spec: ModelSpec, model_id: str, origin: Origin) -> str:
             meg=spec.megatron_prefix,
             hf=spec.hf_prefix,
             quantization=quantization,
+            hybrid=hybrid,
+            pattern=pattern,
+            hybrid_lists=hybrid_lists,
+            numbering={name.removeprefix("HYBRID_"): name for name, _ in hybrid_lists},
+            names=TARGET_NAMES[target],
         )
     )
     return format_python(text)

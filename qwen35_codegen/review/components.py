@@ -34,7 +34,7 @@ COMPONENTS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("shared_experts", _LAYER + r"mlp\.shared_experts\."),
         ("mtp", r"mtp\."),
         ("vision", r"vision_model\."),
-        ("final_norm", r"decoder\.final_layernorm\."),
+        ("final_norm", r"decoder\.(final_layernorm|final_norm)\."),
         ("output_layer", r"output_layer\."),
     )
 )

@@ -20,6 +20,9 @@ PLACEHOLDERS = (
     "i",
     "e",
 )  # the first index in a name is the layer (or block), the second the expert
+#: Name segments after which a number is part of the family's name, not an index: the inner layers
+#: of a HybridModel MTP layer are fixed positions (0 its attention, 1 its MLP).
+FIXED_POSITIONS = ("mtp_model_layer.layers",)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ def generalise(name: str) -> tuple[str, tuple[int, ...]]:
             continue
         stem = segment.rstrip("0123456789")
         if stem and not (n == last and stem in EXPERT_SUFFIXED):
+            continue
+        if ".".join(segments[max(0, n - 2) : n]) in FIXED_POSITIONS:
             continue
         if len(indices) == len(PLACEHOLDERS):
             raise CodegenError(

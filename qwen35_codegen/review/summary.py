@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from qwen35_bridge import targets
 from qwen35_codegen import pipeline
 from qwen35_codegen.rendering import describe
 from qwen35_codegen.review import manifest
@@ -32,6 +33,7 @@ def render(generated: pipeline.Generated) -> str:
     spec, source = generated.spec, generated.source
     data = manifest.parse(generated.manifest, manifest.file_name(generated.module))
     index = f"index sha256 `{source.index_sha256[:12]}`" if source.index_sha256 else "no index"
+    hybrid = generated.entry.target == "hybrid"
     lines = [
         f"## Bridge for {source.model_id}: `qwen35_bridge/generated/{generated.module}.py`",
         "",
@@ -39,6 +41,7 @@ def render(generated: pipeline.Generated) -> str:
         "",
         f"**Architecture.** {describe.one_line(spec)} {_dimensions(spec)}",
         "",
+        *([_hybrid_model(spec), ""] if hybrid else []),
         "| Layers | Count | Indices |",
         "|---|---:|---|",
         *_layer_rows(spec),
@@ -75,6 +78,17 @@ def _dimensions(spec: ModelSpec) -> str:
         f"(each with an output gate) and {a.num_kv_heads} KV heads of dimension {a.head_dim}, rotary on "
         f"{a.rotary_percent:.0%} of it ({rope}). GatedDeltaNet: {g.num_key_heads} key heads of {g.key_head_dim}, "
         f"{g.num_value_heads} value heads of {g.value_head_dim}, conv kernel {g.conv_kernel}."
+    )
+
+
+def _hybrid_model(spec: ModelSpec) -> str:
+    pattern = targets.hybrid_layer_pattern(
+        spec.layer_types, spec.mlp_types, spec.mtp_layers, spec.mtp_mlp_type
+    )
+    return (
+        f"**Megatron model: HybridModel**, layer pattern `{pattern}` ({2 * spec.num_layers} "
+        "decoder layers): HF layer i is its layers 2i (the mixer, with the input norm) and "
+        "2i + 1 (the MLP, with its norm); each MTP layer is the pair after a `/`."
     )
 
 

@@ -65,7 +65,8 @@ def test_committed_bridges_match_the_generator() -> None:
 
 def test_every_catalog_model_has_a_committed_bridge() -> None:
     entries = bridge_index.read(checkout.GENERATED)
-    assert set(entries) == set(catalog.model_ids())
+    assert set(bridge_index.by_model(entries)) == set(catalog.model_ids())
+    assert set(bridge_index.by_model(entries, "hybrid")) <= set(catalog.model_ids())
     assert all(e.source == f"catalog:{e.model_id}" for e in entries.values())
 
 
@@ -96,7 +97,7 @@ def test_check_finds_missing_and_extra_files(generated_copy: Path) -> None:
 
 def test_check_names_sources_outside_the_repository(generated_copy: Path, tmp_path: Path) -> None:
     entries = bridge_index.read(generated_copy)
-    entries["local/model"] = bridge_index.Entry(
+    entries["local_model"] = bridge_index.Entry(
         "local/model", "local_model", str(tmp_path / "elsewhere"), "0" * 64
     )
     for name, text in bridge_index.render(entries).items():

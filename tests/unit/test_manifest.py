@@ -31,7 +31,7 @@ from qwen35_codegen.review.key_families import (
 from tests.unit.test_full_size_structure import bridge_of, hf_on_disk_shapes
 
 MODEL_IDS = sorted(catalog.model_ids())
-ENTRIES = bridge_index.read(checkout.GENERATED)
+ENTRIES = bridge_index.by_model(bridge_index.read(checkout.GENERATED))
 
 
 def committed_manifest(model_id: str) -> manifest.Manifest:
@@ -277,7 +277,7 @@ def test_check_reports_a_dropped_mapping_a_missing_manifest_and_their_fixes(
     """A committed folder of two bridges (check regenerates only what its index lists)."""
     folder = tmp_path / "generated"
     folder.mkdir()
-    kept = {m: ENTRIES[m] for m in ("Qwen/Qwen3.5-27B", "Qwen/Qwen3.5-4B")}
+    kept = {ENTRIES[m].module: ENTRIES[m] for m in ("Qwen/Qwen3.5-27B", "Qwen/Qwen3.5-4B")}
     for name, text in bridge_index.render(kept).items():
         (folder / name).write_text(text, encoding="utf-8")
     module, recorded = committed_27b()

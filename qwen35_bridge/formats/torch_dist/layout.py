@@ -259,9 +259,11 @@ def _cache_folder() -> Path:
 
 
 def layout(bridge: BridgeBase) -> Layout:
-    """The bridge's layout, from the cache when this bridge and megatron-core release made it."""
+    """The bridge's layout, from the cache when this bridge (spec and target model class) and
+    megatron-core release made it."""
     version = installed_megatron_core()
-    path = _cache_folder() / f"{bridge.spec_sha256}-megatron-core-{version}-v{LAYOUT_VERSION}.json"
+    name = f"{bridge.spec_sha256}-{bridge.target}-megatron-core-{version}-v{LAYOUT_VERSION}.json"
+    path = _cache_folder() / name
     if path.is_file():
         return Layout.from_json(path.read_text())
     with training_advice_silenced():

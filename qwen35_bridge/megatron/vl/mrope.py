@@ -13,6 +13,7 @@ instead (docs/reference.md section 8), so the language model gets :class:`Interl
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +70,44 @@ class InterleavedMRoPE(nn.Module):
         axes = torch.tensor(frequency_axes(mrope_section), device=position_ids.device)
         chosen = freqs.gather(0, axes.expand(1, *freqs.shape[1:])).squeeze(0)  # [b, s, half]
         return torch.cat([chosen, chosen], dim=-1).transpose(0, 1)[:, :, None, :].contiguous()
+
+
+class PositionedMRoPE(nn.Module):
+    """:class:`InterleavedMRoPE` for megatron-core's HybridModel, which has no multimodal rotary
+    mode: it asks its rotary module for the angles of a sequence length (plain RoPE's call). This
+    module answers that call with the interleaved angles of the positions the VL model set for the
+    forward under way (:meth:`positions`), so the decoder and the MTP layers get what GPTModel's
+    ``mrope`` mode would give them."""
+
+    def __init__(self, rotary: InterleavedMRoPE, mrope_section: Sequence[int]) -> None:
+        super().__init__()
+        self.rotary = rotary
+        self.mrope_section = list(mrope_section)
+        self._position_ids: Tensor | None = None
+
+    @contextmanager
+    def positions(self, position_ids: Tensor) -> Iterator[None]:
+        """Within the block, the model's rotary angles are those of ``position_ids`` ``[3, b, s]``."""
+        self._position_ids = position_ids
+        try:
+            yield
+        finally:
+            self._position_ids = None
+
+    def get_rotary_seq_len(self, *_args: object, **_kwargs: object) -> int:
+        return self._held().shape[-1]
+
+    def forward(self, _seq_len: int, packed_seq: bool = False) -> Tensor:
+        if packed_seq:
+            raise NotImplementedError("interleaved mRoPE on packed sequences")
+        return self.rotary(self._held(), self.mrope_section)
+
+    def _held(self) -> Tensor:
+        if self._position_ids is None:
+            raise RuntimeError(
+                "the multimodal positions are set by the VL model's forward (PositionedMRoPE.positions)"
+            )
+        return self._position_ids
 
 
 def position_ids(

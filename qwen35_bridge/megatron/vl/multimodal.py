@@ -1,14 +1,16 @@
 """The Megatron-side Qwen3.5 vision-language model: ``vision_model`` + ``language_model``.
 
-The language model is exactly the GPTModel a bridge builds for text (hybrid GDN + gated
-attention, MoE, MTP); here it receives the token embeddings with each image's (or video's) merged
-vision tokens written over its placeholder tokens, and interleaved multimodal rotary positions.
+The language model is exactly the model a bridge builds for text (GPTModel or HybridModel, with
+GDN + gated attention, MoE, MTP); here it receives the token embeddings with each image's (or
+video's) merged vision tokens written over its placeholder tokens, and interleaved multimodal
+rotary positions.
 Parameter names are the bridges' Megatron names (docs/reference.md section 8), so a bridge loads and
 exports this model with the code it uses for the language model alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,6 +26,7 @@ from qwen35_bridge.megatron.vl.vision import VisionModel
 
 if TYPE_CHECKING:
     from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class MultimodalInputs:
 class VLModel(MegatronModule):
     """``vision_model`` and ``language_model`` (pipeline parallelism: one stage)."""
 
-    def __init__(self, vision_model: VisionModel, language_model: GPTModel) -> None:
+    def __init__(self, vision_model: VisionModel, language_model: GPTModel | HybridModel) -> None:
         super().__init__(config=language_model.config)
         self.vision_model = vision_model
         self.language_model = language_model
@@ -68,12 +71,19 @@ class VLModel(MegatronModule):
             image_grid_thw=inputs.image_grid_thw,
             video_grid_thw=inputs.video_grid_thw,
         ).to(inputs.input_ids.device)
-        return self.language_model(
-            input_ids=inputs.input_ids,
-            position_ids=positions,
-            attention_mask=None,
-            decoder_input=self.embed(inputs),
+        rotary = self.language_model.rotary_pos_emb
+        held = (
+            rotary.positions(positions)
+            if isinstance(rotary, mrope.PositionedMRoPE)
+            else contextlib.nullcontext()
         )
+        with held:
+            return self.language_model(
+                input_ids=inputs.input_ids,
+                position_ids=positions,
+                attention_mask=None,
+                decoder_input=self.embed(inputs),
+            )
 
     def embed(self, inputs: MultimodalInputs) -> Tensor:
         """Token embeddings ``[s, b, h]`` (this rank's part of s under sequence parallelism) with
@@ -129,7 +139,7 @@ def vision_settings(language_config: TransformerConfig) -> dict[str, Any]:
 
 
 def assemble(
-    language_model: GPTModel,
+    language_model: GPTModel | HybridModel,
     vision_config: TransformerConfig,
     vision_model_args: dict[str, Any],
     *,
@@ -142,15 +152,23 @@ def assemble(
     GPTModel decides at forward time how it calls ``rotary_pos_emb``: in ``mrope`` mode with the
     ``[3, b, s]`` position ids and ``mrope_section``. Its own module for that mode has contiguous
     sections, so the interleaved one takes its place; the embedding and the MTP block are
-    unaffected (neither uses the mode).
+    unaffected (neither uses the mode). HybridModel has only plain RoPE's call (a sequence
+    length), so it gets the interleaved module behind that call (``PositionedMRoPE``), fed with the
+    positions by ``VLModel.forward``.
     """
-    language_model.position_embedding_type = "mrope"
-    language_model.mrope_section = list(mrope_section)
-    language_model.rotary_pos_emb = mrope.InterleavedMRoPE(
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    rotary = mrope.InterleavedMRoPE(
         kv_channels=language_model.config.kv_channels,
         rotary_percent=rotary_percent,
         rotary_base=rotary_base,
     )
+    if isinstance(language_model, HybridModel):
+        language_model.rotary_pos_emb = mrope.PositionedMRoPE(rotary, mrope_section)
+    else:
+        language_model.position_embedding_type = "mrope"
+        language_model.mrope_section = list(mrope_section)
+        language_model.rotary_pos_emb = rotary
     return VLModel(VisionModel(vision_config, **vision_model_args), language_model)
 
 
