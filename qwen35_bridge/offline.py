@@ -10,9 +10,10 @@ one group of tensors at a time. The destination appears only once complete.
 from __future__ import annotations
 
 import collections
+import math
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,10 +43,11 @@ from qwen35_bridge.formats.safetensors.writer import (
     Planned,
     StreamingWriter,
     plan_shards,
+    shard_file_names,
     write_index,
 )
-from qwen35_bridge.formats.staging import staged_directory
-from qwen35_bridge.mapping.kinds import ConvertOptions, Group, Shape
+from qwen35_bridge.mapping.kinds import ConvertOptions, Group, Part, Shape
+from qwen35_bridge.workers import SINGLE, Workers, shares, staged_directory
 
 if TYPE_CHECKING:
     from qwen35_bridge.bridge import BridgeBase
@@ -154,6 +156,36 @@ def plan(
     return planned
 
 
+#: Memory a conversion may hold for one group before converting it in parts (`--memory-budget`).
+DEFAULT_MEMORY_BUDGET = 2 * 1000**3
+
+
+def group_parts(
+    group: Group, reader: TensorReader, side: str, budget: int | None
+) -> list[Part] | None:
+    """The parts to convert `group` in when its `side` tensors exceed `budget` bytes and it can be
+    split (a copied tensor by rows, a packed expert tensor by experts); None: whole. Each part
+    holds at most `budget` bytes, or one row (one expert) where a row is larger."""
+    if budget is None or not group.rows or group.part is None:
+        return None
+    nbytes = sum(
+        math.prod(shape) * reader.dtype(n).itemsize for n, shape in getattr(group, side).items()
+    )
+    if nbytes <= budget:
+        return None
+    step = max(1, budget * group.rows // nbytes)
+    return [group.part(i, min(i + step, group.rows)) for i in range(0, group.rows, step)]
+
+
+def read_part(reader: TensorReader, part: Part, side: str) -> dict[str, torch.Tensor]:
+    """A part's `side` tensors: whole where the part has all of a tensor, else its rows."""
+    out = {}
+    for name, (start, stop) in getattr(part, side).items():
+        whole = (start, stop) == (0, reader.shape(name)[0])
+        out[name] = reader.get(name) if whole else reader.get_rows(name, start, stop)
+    return out
+
+
 def convert_directory(
     groups: Sequence[Group],
     reader: TensorReader,
@@ -167,29 +199,64 @@ def convert_directory(
     progress: Progress,
     opener: Opener | None = None,
     stage: OutputStage | None = None,
+    budget: int | None = DEFAULT_MEMORY_BUDGET,
+    workers: Workers = SINGLE,
 ) -> Report:
-    """Stream every group from `reader` through `to_target` into safetensors shards + index."""
-    planned = plan(groups, reader, source_side, target_side)
+    """Stream every group from `reader` through `to_target` into safetensors shards + index.
+
+    With several workers, each converts its share of the groups (contiguous, by bytes) into its
+    own shards; every worker plans every share, so the shards are numbered alike everywhere, and
+    the first writes the index once all have written their shards."""
+    planned = [plan([g], reader, source_side, target_side) for g in groups]
     if stage is not None:
-        planned = [q for p in planned for q in stage.plan(p)]
+        planned = [[q for p in ps for q in stage.plan(p)] for ps in planned]
+    runs = shares([sum(p.nbytes for p in ps) for ps in planned], workers.size)
+    shards = [plan_shards([p for i in run for p in planned[i]], max_shard_bytes) for run in runs]
+    names = shard_file_names(sum(len(s) for s in shards))
+    first = sum(len(s) for s in shards[: workers.rank])
+    mine = runs[workers.rank]
     writer = StreamingWriter(
-        destination, plan_shards(planned, max_shard_bytes), metadata=index_metadata, opener=opener
+        destination,
+        shards[workers.rank],
+        names=names[first : first + len(shards[workers.rank])],
+        metadata=index_metadata,
+        opener=opener,
     )
-    progress.start(len(planned), sum(p.nbytes for p in planned))
+    progress.start(
+        sum(len(planned[i]) for i in mine), sum(p.nbytes for i in mine for p in planned[i])
+    )
     read = 0
-    try:
-        for group in groups:
-            read += _convert_group(
-                group, reader, writer, to_target, source_side, target_side, stage, progress
-            )
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        progress.finish()
-    write_index(destination, writer.weight_map, writer.bytes_written, index_metadata)
-    return Report(read, len(planned), writer.bytes_written)
+    with workers.step():
+        try:
+            for i in mine:
+                read += _convert_group(
+                    groups[i],
+                    reader,
+                    writer,
+                    to_target,
+                    source_side,
+                    target_side,
+                    stage,
+                    progress,
+                    budget,
+                )
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            progress.finish()
+    weight_map, number = {}, 0
+    for rank_shards in shards:
+        for shard in rank_shards:
+            weight_map |= {p.name: names[number] for p in shard}
+            number += 1
+    total = sum(p.nbytes for ps in planned for p in ps)
+    reads = sum(workers.gather(read))
+    with workers.step():
+        if workers.first:
+            write_index(destination, weight_map, total, index_metadata)
+    return Report(reads, sum(len(ps) for ps in planned), total)
 
 
 def _convert_group(
@@ -201,9 +268,23 @@ def _convert_group(
     target_side: str,
     stage: OutputStage | None,
     progress: Progress,
+    budget: int | None,
 ) -> int:
-    """One group read, converted and written; its tensors die when this returns, so memory holds
-    one group at a time. Returns the number of tensors read."""
+    """One group read, converted and written (in parts, when it is larger than `budget`); its
+    tensors die when this returns, so memory holds one group, or one part, at a time. Returns
+    the number of tensors read."""
+    parts = group_parts(group, reader, source_side, budget) if stage is None else None
+    if parts is not None:
+        for part in parts:
+            tensors = read_part(reader, part, source_side)
+            same = source_side == target_side  # a renaming (between model classes)
+            out = tensors if same else getattr(part, f"to_{target_side}")(tensors)
+            for name, rows in getattr(part, target_side).items():
+                writer.write(name, out[name], rows=rows)
+            progress.advance(0, sum(t.numel() * t.element_size() for t in out.values()))
+            del tensors, out
+        progress.advance(len(getattr(group, target_side)), 0)
+        return len(getattr(group, source_side))
     tensors = read_group(reader, list(getattr(group, source_side)))
     out = to_target(group, tensors)
     if stage is not None:
@@ -216,6 +297,75 @@ def _convert_group(
         writer.write(name, tensor)
     progress.advance(len(out), sum(t.numel() * t.element_size() for t in out.values()))
     return len(tensors)
+
+
+class ConvertedTensors:
+    """Megatron tensors made on demand from `reader` (HF tensors converted, or Megatron tensors
+    read as they are when `megatron_source`), for the torch_dist writer: the group (or the part
+    of it) a tensor belongs to is converted when first asked for and kept until another is."""
+
+    def __init__(
+        self,
+        groups: Sequence[Group],
+        reader: TensorReader,
+        options: ConvertOptions,
+        budget: int | None,
+        *,
+        megatron_source: bool = False,
+    ) -> None:
+        self._reader, self._options, self._budget = reader, options, budget
+        self._side = "megatron" if megatron_source else "hf"
+        self._group_of = {name: g for g in groups for name in g.megatron}
+        self._parts: dict[int, list[Part] | None] = {}
+        self._held: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def _parts_of(self, group: Group) -> list[Part] | None:
+        if id(group) not in self._parts:
+            self._parts[id(group)] = group_parts(group, self._reader, self._side, self._budget)
+        return self._parts[id(group)]
+
+    def split(self, name: str) -> list[tuple[int, int]] | None:
+        parts = self._parts_of(self._group_of[name])
+        ranges = [p.megatron[name] for p in parts or () if name in p.megatron]
+        return ranges if len(ranges) > 1 else None
+
+    def tensor(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        group = self._group_of[name]
+        parts = self._parts_of(group)
+        if parts is None:
+            tensors = self._held_or(id(group), lambda: self._convert(group))
+            tensor = tensors[name]
+            return tensor if rows is None else tensor[rows[0] : rows[1]]
+        matching = [
+            p
+            for p in parts
+            if name in p.megatron
+            and (rows is None or p.megatron[name][0] <= rows[0] < p.megatron[name][1])
+        ]
+        if len(matching) > 1:  # asked for whole (a chunk that cannot be cut): its parts joined
+            return torch.cat([self.tensor(name, p.megatron[name]) for p in matching])
+        (part,) = matching
+        tensors = self._held_or(id(part), lambda: self._convert_part(part))
+        first = part.megatron[name][0]
+        tensor = tensors[name]
+        return tensor if rows is None else tensor[rows[0] - first : rows[1] - first]
+
+    def _held_or(
+        self, key: int, make: Callable[[], dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        if self._held is None or self._held[0] != key:
+            self._held = None  # let the last group go before the next is made
+            self._held = (key, make())
+        return self._held[1]
+
+    def _convert(self, group: Group) -> dict[str, torch.Tensor]:
+        if self._side == "megatron":
+            return self._reader.get_many(list(group.megatron))
+        return group.to_megatron({name: self._reader.get(name) for name in group.hf}, self._options)
+
+    def _convert_part(self, part: Part) -> dict[str, torch.Tensor]:
+        tensors = read_part(self._reader, part, self._side)
+        return tensors if self._side == "megatron" else part.to_megatron(tensors)
 
 
 def hf_to_megatron(
@@ -232,6 +382,8 @@ def hf_to_megatron(
     dequantize_to: torch.dtype = torch.bfloat16,
     output_format: str = "safetensors",
     run_layout: str = RUN_MEGATRON_LM,
+    budget: int | None = DEFAULT_MEMORY_BUDGET,
+    workers: Workers = SINGLE,
 ) -> Report:
     """HF safetensors -> a Megatron checkpoint: the unsharded state dict as safetensors
     (megatron-core names), or a `torch_dist` checkpoint in a trainer's run tree (`run_layout`:
@@ -239,25 +391,36 @@ def hf_to_megatron(
     `iter_0000000` also holds its run_config.yaml and train state).
 
     An FP8 checkpoint is dequantised to `dequantize_to` on the way; the record lists which
-    tensors were FP8, so that the way back can quantise them again if asked.
+    tensors were FP8, so that the way back can quantise them again if asked. `budget` bounds the
+    memory of one group (larger ones convert in parts); `workers` share the groups.
     """
     record = replace(record, format=FORMATS[output_format])
-    with CheckpointReader(source) as raw:
-        reader: TensorReader = raw
-        if bridge.quantization is not None:
-            q = bridge.quantization
-            reader = DequantizingReader(
-                raw,
-                block=q["weight_block_size"],
-                modules_to_not_convert=q["modules_to_not_convert"],
-                dtype=dequantize_to,
-            )
-            record = replace(record, fp8_tensors=tuple(sorted(reader.quantized)))
-        check_source(reader, bridge.hf_shapes, "HF")
-        with staged_directory(destination, force=force, source=Path(source)) as staging:
+    with ExitStack() as stack:
+        with workers.step():
+            raw = stack.enter_context(CheckpointReader(source))
+            reader: TensorReader = raw
+            if bridge.quantization is not None:
+                q = bridge.quantization
+                reader = DequantizingReader(
+                    raw,
+                    block=q["weight_block_size"],
+                    modules_to_not_convert=q["modules_to_not_convert"],
+                    dtype=dequantize_to,
+                )
+                record = replace(record, fp8_tensors=tuple(sorted(reader.quantized)))
+            check_source(reader, bridge.hf_shapes, "HF")
+        with staged_directory(destination, workers, force=force, source=Path(source)) as staging:
             if output_format == "torch_dist":
                 report = write_run(
-                    bridge, reader, staging, options, progress, Path(source), run_layout
+                    bridge,
+                    reader,
+                    staging,
+                    options,
+                    progress,
+                    Path(source),
+                    run_layout,
+                    budget=budget,
+                    workers=workers,
                 )
             else:
                 report = convert_directory(
@@ -271,11 +434,15 @@ def hf_to_megatron(
                     index_metadata={"format": record.format},
                     progress=progress,
                     opener=opener,
+                    budget=budget,
+                    workers=workers,
                 )
-            keep_hf_files(Path(source), staging)
-            if output_format != "torch_dist":  # the run tree keeps them in its iteration folder
-                copy_tokenizer_files(Path(source), staging / TOKENIZER_FOLDER)
-            record.write(staging)
+            with workers.step():
+                if workers.first:
+                    keep_hf_files(Path(source), staging)
+                    if output_format != "torch_dist":  # a run tree keeps them by its iteration
+                        copy_tokenizer_files(Path(source), staging / TOKENIZER_FOLDER)
+                    record.write(staging)
     return report
 
 
@@ -290,8 +457,10 @@ def megatron_to_hf(
     opener: Opener | None = None,
     fp8_tensors: Sequence[str] = (),
     options: ConvertOptions = ConvertOptions(),
+    budget: int | None = DEFAULT_MEMORY_BUDGET,
+    workers: Workers = SINGLE,
 ) -> Report:
-    """The Megatron safetensors written by `hf_to_megatron` -> HF shards, index and config.
+    """The Megatron checkpoint written by `hf_to_megatron` -> HF shards, index and config.
 
     With a quantised bridge, the tensors named in `fp8_tensors` are quantised back to FP8 (with
     their scales); otherwise the checkpoint is written unquantised and its config says so.
@@ -312,9 +481,11 @@ def megatron_to_hf(
     root = record_root(Path(source))
     if root is None:
         raise ConversionError(f"{source}: no {RECORD_NAME}; not written by codegen convert")
-    with megatron_reader(bridge, Path(source)) as reader:
-        check_source(reader, bridge.megatron_shapes, "Megatron")
-        with staged_directory(destination, force=force, source=root) as staging:
+    with ExitStack() as stack:
+        with workers.step():
+            reader = stack.enter_context(megatron_reader(bridge, Path(source)))
+            check_source(reader, bridge.megatron_shapes, "Megatron")
+        with staged_directory(destination, workers, force=force, source=root) as staging:
             report = convert_directory(
                 bridge.groups,
                 reader,
@@ -327,9 +498,13 @@ def megatron_to_hf(
                 progress=progress,
                 opener=opener,
                 stage=stage,
+                budget=budget,
+                workers=workers,
             )
-            restore_hf_files(root, staging, quantized=stage is not None)
-            copy_tokenizer_files(reader.directory / TOKENIZER_FOLDER, staging)
+            with workers.step():
+                if workers.first:
+                    restore_hf_files(root, staging, quantized=stage is not None)
+                    copy_tokenizer_files(reader.directory / TOKENIZER_FOLDER, staging)
     return report
 
 
@@ -359,8 +534,8 @@ def live_to_hf(
         collections.deque(tensors, maxlen=0)
         return None
     planned = [Planned(n, d, s) for n, s, d in stream.hf_plan(bridge, placement, prefix)]
-    with staged_directory(destination, force=force, source=None) as staging:
-        writer = StreamingWriter(staging, plan_shards(planned, max_shard_bytes))
+    with staged_directory(destination, SINGLE, force=force, source=None) as folder:
+        writer = StreamingWriter(folder, plan_shards(planned, max_shard_bytes))
         try:
             for name, tensor in tensors:
                 writer.write(name, tensor)
@@ -368,8 +543,8 @@ def live_to_hf(
         except BaseException:
             writer.abort()
             raise
-        write_index(staging, writer.weight_map, writer.bytes_written)
-        copy_hf_config(Path(config_dir), staging)
+        write_index(folder, writer.weight_map, writer.bytes_written)
+        copy_hf_config(Path(config_dir), folder)
     return Report(0, len(planned), writer.bytes_written)
 
 
@@ -385,14 +560,18 @@ def training_to_hf(
     force: bool = False,
     progress: Progress = Progress(),
     options: ConvertOptions = ConvertOptions(),
+    budget: int | None = DEFAULT_MEMORY_BUDGET,
+    workers: Workers = SINGLE,
 ) -> Report:
     """A trainer's checkpoint (a Megatron-LM or Megatron-Bridge run root, or one of its iteration
     folders; torch_dist or the legacy `torch` format) -> HF shards, index, `config`, and the
     tokenizer's files (the run's own, else those of `config_dir`). The model's tensors must be
     exactly the bridge's; optimizer and RNG state are never read and are listed in the report."""
-    with training_reader(bridge, Path(source), iteration) as reader:
-        check_source(reader, bridge.megatron_shapes, "Megatron")
-        with staged_directory(destination, force=force, source=Path(source)) as staging:
+    with ExitStack() as stack:
+        with workers.step():
+            reader = stack.enter_context(training_reader(bridge, Path(source), iteration))
+            check_source(reader, bridge.megatron_shapes, "Megatron")
+        with staged_directory(destination, workers, force=force, source=Path(source)) as staging:
             report = convert_directory(
                 bridge.groups,
                 reader,
@@ -403,10 +582,14 @@ def training_to_hf(
                 max_shard_bytes=max_shard_bytes,
                 index_metadata={},
                 progress=progress,
+                budget=budget,
+                workers=workers,
             )
-            write_hf_config(config, staging, config_dir)
-            tokenizer = reader.directory / TOKENIZER_FOLDER
-            copy_tokenizer_files(tokenizer if tokenizer.is_dir() else config_dir, staging)
+            with workers.step():
+                if workers.first:
+                    write_hf_config(config, staging, config_dir)
+                    tokenizer = reader.directory / TOKENIZER_FOLDER
+                    copy_tokenizer_files(tokenizer if tokenizer.is_dir() else config_dir, staging)
         return replace(
             report,
             ignored=tuple(reader.ignored),
@@ -472,6 +655,8 @@ def write_run(
     run_layout: str,
     *,
     megatron_source: bool = False,
+    budget: int | None = DEFAULT_MEMORY_BUDGET,
+    workers: Workers = SINGLE,
 ) -> Report:
     """A run root as the trainer writes one: the tracker, and the iteration folder with the
     torch_dist checkpoint, whose common state holds Megatron-LM's args, checkpoint version and
@@ -494,10 +679,37 @@ def write_run(
     common = megatron_lm.common_state(args, iteration=0)
     name = megatron_lm.RELEASE if run_layout == RUN_MEGATRON_LM else 0
     folder = staging / megatron_lm.iteration_folder(name)
-    folder.mkdir()
+    with workers.step():
+        if workers.first:
+            folder.mkdir()
     report = _write_torch_dist(
-        bridge, reader, folder, options, progress, common, megatron_source=megatron_source
+        bridge,
+        reader,
+        folder,
+        options,
+        progress,
+        common,
+        megatron_source=megatron_source,
+        budget=budget,
+        workers=workers,
     )
+    with workers.step():
+        if workers.first:
+            _write_run_files(bridge, plan, staging, folder, source, run_layout, name)
+    return report
+
+
+def _write_run_files(
+    bridge: BridgeBase,
+    plan: Any,
+    staging: Path,
+    folder: Path,
+    source: Path | None,
+    run_layout: str,
+    name: int | str,
+) -> None:
+    """What a run tree holds beside the checkpoint: tokenizer files, Megatron-Bridge's records,
+    the tracker, and the model's flags for `pretrain_gpt.py`."""
     copy_tokenizer_files(source, folder / TOKENIZER_FOLDER)
     if run_layout == RUN_MEGATRON_BRIDGE:
         section = megatron_bridge.model_section(
@@ -516,7 +728,6 @@ def write_run(
     if bridge.target == "gpt":
         words = megatron_lm.pretrain_gpt_flags(plan.architecture, bridge.model_args)
         (staging / megatron_lm.PRETRAIN_ARGS_NAME).write_text("".join(f"{w}\n" for w in words))
-    return report
 
 
 def _write_torch_dist(
@@ -528,31 +739,35 @@ def _write_torch_dist(
     common: dict[str, Any],
     *,
     megatron_source: bool = False,
+    budget: int | None = DEFAULT_MEMORY_BUDGET,
+    workers: Workers = SINGLE,
 ) -> Report:
     from qwen35_bridge.formats import torch_dist
 
-    planned = plan(bridge.groups, reader, "megatron" if megatron_source else "hf", "megatron")
-    dtypes = {p.name: p.dtype for p in planned}
-
-    def convert(group: Group) -> dict[str, torch.Tensor]:
-        if megatron_source:
-            return reader.get_many(list(group.megatron))
-        return group.to_megatron({name: reader.get(name) for name in group.hf}, options)
-
-    progress.start(len(planned), sum(p.nbytes for p in planned))
+    side = "megatron" if megatron_source else "hf"
+    planned = [plan([g], reader, side, "megatron") for g in bridge.groups]
+    dtypes = {p.name: p.dtype for ps in planned for p in ps}
+    run = shares([sum(p.nbytes for p in ps) for ps in planned], workers.size)[workers.rank]
+    mine = {p.name for i in run for p in planned[i]}
+    source = ConvertedTensors(
+        bridge.groups, reader, options, budget, megatron_source=megatron_source
+    )
+    progress.start(len(mine), sum(p.nbytes for i in run for p in planned[i]))
     try:
         written = torch_dist.write(
             bridge,
             folder,
-            convert,
+            source,
             dtypes.__getitem__,
             on_chunk=lambda n: progress.advance(0, n),
             common_state=common,
+            workers=workers,
+            mine=mine.__contains__,
         )
     finally:
         progress.finish()
-    read = len(planned) if megatron_source else len(bridge.hf_shapes)
-    return Report(read, len(planned), written)
+    read = len(dtypes) if megatron_source else len(bridge.hf_shapes)
+    return Report(read, len(dtypes), written)
 
 
 def record_root(path: Path) -> Path | None:

@@ -35,6 +35,7 @@ from qwen35_bridge.formats.safetensors.writer import DEFAULT_MAX_SHARD_BYTES
 from qwen35_bridge.formats.staging import staged_directory
 from qwen35_bridge.mapping.kinds import ConvertOptions
 from qwen35_bridge.offline import (
+    DEFAULT_MEMORY_BUDGET,
     RUN_MEGATRON_LM,
     Progress,
     Report,
@@ -106,6 +107,9 @@ class RenamedReader:
         tensors = self._reader.get_many([self._source[n] for n in names])
         return {n: tensors[self._source[n]] for n in names}
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._reader.get_rows(self._source[name], start, stop)
+
     def close(self) -> None:
         self._reader.close()
 
@@ -121,6 +125,7 @@ def retarget(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     force: bool = False,
     progress: Progress = Progress(),
+    budget: int | None = DEFAULT_MEMORY_BUDGET,
 ) -> Report:
     """The Megatron checkpoint `src` (written for `source`'s target, as its `record` says; its
     folder or, for a run tree, its run root or iteration folder) written to `destination` under
@@ -157,6 +162,7 @@ def retarget(
                     tokenizer_source,
                     RUN_MEGATRON_LM,
                     megatron_source=True,
+                    budget=budget,
                 )
             else:
                 report = convert_directory(
@@ -169,6 +175,7 @@ def retarget(
                     max_shard_bytes=max_shard_bytes,
                     index_metadata={"format": out_record.format},
                     progress=progress,
+                    budget=budget,
                 )
                 copy_tokenizer_files(tokenizer_source, staging / TOKENIZER_FOLDER)
             for name in (HF_CONFIG_NAME, *(f"hf_{n}" for n in KEPT_HF_FILES)):

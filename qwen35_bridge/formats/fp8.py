@@ -150,5 +150,10 @@ class DequantizingReader:
     def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
         return {name: self.get(name) for name in names}
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if name not in self.quantized:
+            return self._reader.get_rows(name, start, stop)
+        return self.get(name)[start:stop]  # dequantised whole: its scales cover blocks of rows
+
     def close(self) -> None:
         """Nothing to release: the reader underneath is closed by whoever opened it."""

@@ -67,6 +67,15 @@ class LazyTensor:
     def read(self) -> torch.Tensor:
         return self.archive.read(self)
 
+    def rows(self, start: int, stop: int) -> LazyTensor:
+        """Rows `[start, stop)` of this tensor, not read yet either."""
+        if not 0 <= start <= stop <= self.shape[0]:
+            raise ValueError(f"rows [{start}, {stop}) of a tensor of {self.shape[0]}")
+        shape = torch.Size((stop - start, *self.shape[1:]))
+        return LazyTensor(
+            self.archive, self.storage, self.offset + start * self.stride[0], shape, self.stride
+        )
+
 
 def _rebuild_tensor(storage, offset, size, stride, *_rest) -> LazyTensor:
     return LazyTensor(storage.archive, storage.storage, offset, torch.Size(size), tuple(stride))

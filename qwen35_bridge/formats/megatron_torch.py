@@ -295,6 +295,26 @@ class Reader:
     def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
         return {name: self.get(name) for name in names}
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `[start, stop)`: of a tensor held whole by one rank (or cut by rows over tensor
+        ranks), only those rows are read; otherwise the whole tensor is merged first."""
+        copies = sorted(self._tensors[name].copies.items())
+        shards = copies[0][1]
+        split = self._bridge.splits.get(name)
+        if len(copies) > 1 or not (
+            self._replicated(name, shards)
+            or (split is not None and split.dim == 0 and split.sections == 1)
+        ):
+            return self.get(name)[start:stop]
+        pieces, first = [], 0
+        for tp in sorted(shards) if not self._replicated(name, shards) else [0]:
+            lazy = shards[tp].tensor
+            low, high = max(start, first), min(stop, first + lazy.shape[0])
+            if low < high:
+                pieces.append(lazy.rows(low - first, high - first).read())
+            first += lazy.shape[0]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
     def close(self) -> None:
         self._tensors.clear()
         for archive in self._archives:

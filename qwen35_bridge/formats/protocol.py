@@ -37,6 +37,11 @@ class TensorReader(Protocol):
         """Several tensors, in as few reads as the format allows (a mapping group's sources)."""
         ...
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `[start, stop)` of a tensor (along its first dimension), reading no more of it
+        than the format requires: a part of a group too large to hold whole."""
+        ...
+
     def close(self) -> None: ...
 
 

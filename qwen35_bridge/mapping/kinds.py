@@ -38,9 +38,28 @@ class ConvertOptions:
     allow_norm_rounding: bool = False
 
 
+Rows = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows `[start, stop)` of a group, which convert on their own: the rows of each tensor they
+    touch (all of a tensor's rows when they are all of it), and the conversion of those rows
+    (plain functions of the tensors' row slices, keyed by the tensors' names)."""
+
+    hf: dict[str, Rows]
+    megatron: dict[str, Rows]
+    to_megatron: Callable[[Tensors], dict[str, Tensor]] = field(repr=False, compare=False)
+    to_hf: Callable[[Tensors], dict[str, Tensor]] = field(repr=False, compare=False)
+
+
 @dataclass(frozen=True)
 class Group:
-    """Concrete HF and Megatron tensors (names and shapes) that convert into each other as a unit."""
+    """Concrete HF and Megatron tensors (names and shapes) that convert into each other as a unit.
+
+    A group whose tensors are stacks of rows that convert independently (a copied tensor's rows,
+    a packed expert tensor's experts) says how many (`rows`) and gives `part(start, stop)`: a
+    conversion can then stream it in parts of bounded size instead of holding all of it."""
 
     hf: dict[str, Shape]
     megatron: dict[str, Shape]
@@ -50,6 +69,8 @@ class Group:
         repr=False, compare=False
     )
     to_hf: Callable[[Tensors, ConvertOptions], dict[str, Tensor]] = field(repr=False, compare=False)
+    rows: int = 0  # 0: converted only whole
+    part: Callable[[int, int], Part] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -91,9 +112,16 @@ class MappingBase:
         raise NotImplementedError
 
     def _group(
-        self, hf: dict[str, Shape], megatron: dict[str, Shape], split: Split, to_megatron, to_hf
+        self,
+        hf: dict[str, Shape],
+        megatron: dict[str, Shape],
+        split: Split,
+        to_megatron,
+        to_hf,
+        rows: int = 0,
+        part: Callable[[int, int], Part] | None = None,
     ) -> Group:
-        return Group(hf, megatron, split, type(self).__name__, to_megatron, to_hf)
+        return Group(hf, megatron, split, type(self).__name__, to_megatron, to_hf, rows, part)
 
 
 def _with_experts(index: dict[str, int], experts: int) -> Iterator[dict[str, int]]:
@@ -121,6 +149,13 @@ class Rename(MappingBase):
                 self.tp,
                 lambda ts, _o, meg=meg, hf=hf: {meg: ts[hf]},
                 lambda ts, _o, meg=meg, hf=hf: {hf: ts[meg]},
+                rows=self.shape[0] if self.shape else 0,
+                part=lambda start, stop, meg=meg, hf=hf: Part(
+                    {hf: (start, stop)},
+                    {meg: (start, stop)},
+                    lambda ts: {meg: ts[hf]},
+                    lambda ts: {hf: ts[meg]},
+                ),
             )
 
 
@@ -280,12 +315,24 @@ class PackedExperts(MappingBase):
         hf = self.hf.format(**index)
         experts, *inner = self.shape
         megs = tuple(self.megatron.format(**index, e=e) for e in range(experts))
+
+        def part(start: int, stop: int) -> Part:  # experts [start, stop)
+            some = megs[start:stop]
+            return Part(
+                {hf: (start, stop)},
+                {m: (0, inner[0]) for m in some},
+                lambda ts: dict(zip(some, _t().unstack_experts(ts[hf]))),
+                lambda ts: {hf: _t().stack_experts([ts[m] for m in some])},
+            )
+
         yield self._group(
             {hf: self.shape},
             {m: tuple(inner) for m in megs},
             self.tp,
             lambda ts, _o: dict(zip(megs, _t().unstack_experts(ts[hf]))),
             lambda ts, _o: {hf: _t().stack_experts([ts[m] for m in megs])},
+            rows=experts,
+            part=part,
         )
 
 

@@ -15,6 +15,7 @@ from qwen35_bridge.errors import ConversionError
 from qwen35_bridge.formats.record import RECORD_NAME, Record
 from qwen35_bridge.mapping.kinds import ConvertOptions
 from qwen35_bridge.targets import DEFAULT_TARGET
+from qwen35_bridge.workers import SINGLE, Workers
 from qwen35_codegen import checkout, sources
 from qwen35_codegen.cli.progress import for_terminal
 from qwen35_codegen.registry.lookup import (
@@ -38,6 +39,8 @@ def hf_to_megatron(
     run_layout: str | None = None,
     quiet: bool = False,
     target: str = DEFAULT_TARGET,
+    budget: int | None = offline.DEFAULT_MEMORY_BUDGET,
+    workers: Workers = SINGLE,
 ) -> offline.Report:
     if run_layout is not None and output_format != "torch_dist":
         raise ConversionError(
@@ -72,6 +75,8 @@ def hf_to_megatron(
         dequantize_to=getattr(torch, dequantize_to),
         output_format=output_format,
         run_layout=run_layout or offline.RUN_MEGATRON_LM,
+        budget=budget,
+        workers=workers,
     )
 
 
@@ -90,6 +95,8 @@ def megatron_to_hf(
     hf_config: str | None = None,
     iteration: int | None = None,
     target: str | None = None,
+    budget: int | None = offline.DEFAULT_MEMORY_BUDGET,
+    workers: Workers = SINGLE,
 ) -> offline.Report:
     root = offline.record_root(src)
     if root is None:
@@ -107,6 +114,8 @@ def megatron_to_hf(
             force=force,
             max_shard_bytes=max_shard_bytes,
             quiet=quiet,
+            budget=budget,
+            workers=workers,
         )
     if hf_config is not None or iteration is not None:
         raise ConversionError(
@@ -138,6 +147,8 @@ def megatron_to_hf(
         force=force,
         progress=progress,
         fp8_tensors=record.fp8_tensors,
+        budget=budget,
+        workers=workers,
         options=ConvertOptions(allow_norm_rounding=allow_norm_rounding),
     )
 
@@ -157,6 +168,8 @@ def _training_to_hf(
     force: bool,
     max_shard_bytes: int,
     quiet: bool,
+    budget: int | None,
+    workers: Workers,
 ) -> offline.Report:
     """A trainer's checkpoint: it records no model, so `--hf-config` names it (a folder with a
     config.json, an HF checkpoint, or any generator reference) and picks the bridge."""
@@ -183,6 +196,8 @@ def _training_to_hf(
         force=force,
         progress=progress,
         options=ConvertOptions(allow_norm_rounding=allow_norm_rounding),
+        budget=budget,
+        workers=workers,
     )
     if not quiet:
         print(f"read {report.folder}", file=sys.stderr)

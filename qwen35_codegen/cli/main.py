@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import sys
@@ -158,13 +159,34 @@ def parse_size(text: str) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from qwen35_bridge.workers import from_environment
+
+    if args.workers is not None and args.workers < 1:
+        raise CodegenError(f"--workers {args.workers}: at least one")
+    if (args.workers or 1) > 1 and "WORLD_SIZE" not in os.environ:
+        from qwen35_codegen.cli.launch import run_workers
+
+        return run_workers(args.argv, args.workers, args.dst)
+    with from_environment() as workers:
+        if args.workers is not None and args.workers != workers.size:
+            raise CodegenError(
+                f"--workers {args.workers}: this process is one of {workers.size} (torchrun's "
+                "WORLD_SIZE)"
+            )
+        return _convert(args, workers)
+
+
+def _convert(args: argparse.Namespace, workers) -> int:  # workers: qwen35_bridge.workers.Workers
     from qwen35_codegen.cli import convert as conversion
 
+    quiet = args.quiet or not workers.first  # the first worker speaks for all
     common = dict(
         bridge_dir=args.bridge_dir,
         force=args.force,
         max_shard_bytes=args.max_shard_size,
-        quiet=args.quiet,
+        quiet=quiet,
+        budget=args.memory_budget,
+        workers=workers,
     )
     if args.direction in ("gpt-to-hybrid", "hybrid-to-gpt"):
         from qwen35_codegen.cli.retargeting import retarget
@@ -216,9 +238,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
             target=args.target,
             **common,
         )
-    if not args.quiet:
+    if not quiet:
+        spread = f" by {workers.size} workers" if workers.size > 1 else ""
         print(
-            f"wrote {args.dst}: {report.tensors_written} tensors, {report.bytes_written / 1e9:.3f} GB (from {report.tensors_read} tensors)"
+            f"wrote {args.dst}{spread}: {report.tensors_written} tensors, {report.bytes_written / 1e9:.3f} GB (from {report.tensors_read} tensors)"
         )
     return 0
 
@@ -327,6 +350,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="megatron-to-hf of a run root: this iteration instead of the tracker's",
     )
+    p.add_argument(
+        "--memory-budget",
+        type=parse_size,
+        default=str(2 * 1000**3),
+        help="largest group of tensors held at once (default 2GB); a larger one (a packed expert "
+        "tensor, an embedding) is converted in parts, no part larger than this or one expert",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="spread the conversion over this many processes on this machine (under torchrun, "
+        "over its WORLD_SIZE processes without this option)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing destination")
     p.add_argument("--quiet", action="store_true", help="no progress or messages")
     p.add_argument(
@@ -381,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     terminate = signal.getsignal(signal.SIGTERM)
     main_thread = threading.current_thread() is threading.main_thread()  # signals go only there
     if main_thread:
@@ -407,7 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(verb: str, message: str, code: int) -> int:
-    print(f"codegen {verb}: error: {message}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # one of several workers: the first speaks for all
+        print(f"codegen {verb}: error: {message}", file=sys.stderr)
     return code
 
 

@@ -9,6 +9,7 @@ from qwen35_bridge import retarget as runtime
 from qwen35_bridge.errors import ConversionError
 from qwen35_bridge.formats.record import FORMATS, RECORD_NAME, Record
 from qwen35_bridge.offline import Report, record_root
+from qwen35_bridge.workers import Workers
 from qwen35_codegen.cli.progress import for_terminal
 from qwen35_codegen.registry.lookup import bridge_for_spec, recorded_spec
 
@@ -24,6 +25,8 @@ def retarget(
     force: bool,
     max_shard_bytes: int,
     quiet: bool,
+    budget: int | None,
+    workers: Workers,
 ) -> Report:
     """`src` (its record must say `source_target`) rewritten under `target`'s names; in the
     source's format unless `output_format` names one."""
@@ -40,6 +43,10 @@ def retarget(
             f"{source_target} ones; use `codegen convert {record.target}-to-{target}`"
             if record.target != target
             else f"{src}: already holds {target} tensors, as its {RECORD_NAME} records"
+        )
+    if workers.size > 1:
+        raise ConversionError(
+            f"{source_target}-to-{target} runs in one process (it renames tensors); drop --workers"
         )
     fmt = output_format or _format_name(record)
     source = bridge_for_spec(
@@ -59,6 +66,7 @@ def retarget(
         max_shard_bytes=max_shard_bytes,
         force=force,
         progress=progress,
+        budget=budget,
     )
 
 

@@ -271,12 +271,13 @@ def test_files_are_what_pytorch_dcp_writes(convert_variant, tmp_path: Path) -> N
             def transform_object(self, write_item, object):  # noqa: A002
                 return object
 
+        def chunk_of(piece):
+            full = megatron[piece.param]
+            rows = full if piece.rows is None else full[piece.rows[0] : piece.rows[1]]
+            return rows.reshape(piece.chunk_shape).contiguous()
+
         state = {
-            k: _DCPChunks(
-                ps,
-                lambda p: writer.chunk_of(p, megatron[p.param]).contiguous(),
-                megatron[ps[0].param].dtype,
-            )
+            k: _DCPChunks(ps, chunk_of, megatron[ps[0].param].dtype)
             for k, ps in by_key(layout.pieces).items()
         }
         state.update({k: io.BytesIO(v) for k, v in layout.objects.items()})
@@ -298,12 +299,15 @@ def test_files_are_what_pytorch_dcp_writes(convert_variant, tmp_path: Path) -> N
                 no_dist=True,
             )
         (tmp_path / "ours").mkdir()
-        torch_dist.write(
-            bridge,
-            tmp_path / "ours",
-            lambda g: {n: megatron[n] for n in g.megatron},
-            lambda n: megatron[n].dtype,
-        )
+
+        class Whole:  # every tensor written whole, as one chunk per layout piece
+            def tensor(self, name, rows=None):
+                return megatron[name] if rows is None else megatron[name][rows[0] : rows[1]]
+
+            def split(self, name):
+                return None
+
+        torch_dist.write(bridge, tmp_path / "ours", Whole(), lambda n: megatron[n].dtype)
     assert (tmp_path / "ours" / torch_dist.DATA_FILE).read_bytes() == (
         tmp_path / "dcp" / torch_dist.DATA_FILE
     ).read_bytes()

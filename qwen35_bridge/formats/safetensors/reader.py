@@ -136,6 +136,21 @@ class CheckpointReader:
             out.update(self._map(run))
         return out
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `[start, stop)` of a tensor, mapped on their own (the rest is not touched)."""
+        if name not in self.tensors:
+            raise ConversionError(f"{name}: not in the checkpoint at {self.directory}")
+        info = self.tensors[name]
+        row = info.nbytes // info.shape[0]
+        rows = TensorInfo(
+            info.file,
+            info.dtype,
+            (stop - start, *info.shape[1:]),
+            info.offset + start * row,
+            (stop - start) * row,
+        )
+        return self._map([(name, rows)])[name]
+
     def _map(self, run: list[tuple[str, TensorInfo]]) -> dict[str, torch.Tensor]:
         first, last = run[0][1], run[-1][1]
         if last.offset + last.nbytes == first.offset:

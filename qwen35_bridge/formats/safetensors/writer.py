@@ -88,11 +88,13 @@ class StreamingWriter:
         directory: Path,
         shards: list[list[Planned]],
         *,
+        names: list[str] | None = None,
         metadata: dict[str, str] | None = None,
         opener: Opener | None = None,
     ) -> None:
+        """`names`: the shards' file names (by default numbered as one writer's are)."""
         self.directory = Path(directory)
-        self.names = shard_file_names(len(shards))
+        self.names = names if names is not None else shard_file_names(len(shards))
         self._shards = shards
         self._metadata = {"format": "pt", **(metadata or {})}
         self._open = opener or (
@@ -100,6 +102,7 @@ class StreamingWriter:
         )  # noqa: SIM115 - closed in _next_shard / close
         self._order = [(i, t) for i, shard in enumerate(shards) for t in shard]
         self._position = 0
+        self._rows_written = 0  # of the planned tensor at `_position`, written in parts
         self._current = -1
         self._file: BinaryIO | None = None
         self.bytes_written = 0
@@ -108,15 +111,25 @@ class StreamingWriter:
     def weight_map(self) -> dict[str, str]:
         return {t.name: self.names[i] for i, t in self._order}
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+        """The next planned tensor, whole, or its rows `[start, stop)` (a part of a group too
+        large to hold whole): parts follow one another, and the tensor is done when the last
+        row is written."""
         if self._position >= len(self._order):
             raise ConversionError(f"{name}: more tensors than planned")
         shard, planned = self._order[self._position]
         if name != planned.name:
             raise ConversionError(f"{name}: written out of order, expected {planned.name}")
-        if tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
+        start, stop = rows if rows is not None else (0, planned.shape[0] if planned.shape else 0)
+        expected = (stop - start, *planned.shape[1:]) if rows is not None else planned.shape
+        if (
+            start != self._rows_written
+            or tensor.dtype != planned.dtype
+            or tuple(tensor.shape) != tuple(expected)
+        ):
             raise ConversionError(
-                f"{name}: {tensor.dtype} {list(tensor.shape)}, planned {planned.dtype} {list(planned.shape)}"
+                f"{name}: {tensor.dtype} {list(tensor.shape)} at row {start}, planned "
+                f"{planned.dtype} {list(expected)} at row {self._rows_written}"
             )
         if shard != self._current:
             self._next_shard(shard)
@@ -124,6 +137,10 @@ class StreamingWriter:
             tensor.detach().contiguous().cpu().view(torch.uint8).numpy() if tensor.numel() else b""
         )
         self._write(memoryview(data), name)
+        if rows is not None and stop < planned.shape[0]:
+            self._rows_written = stop
+            return
+        self._rows_written = 0
         self.bytes_written += planned.nbytes
         self._position += 1
 

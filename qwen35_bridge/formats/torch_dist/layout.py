@@ -260,14 +260,19 @@ def _cache_folder() -> Path:
 
 def layout(bridge: BridgeBase) -> Layout:
     """The bridge's layout, from the cache when this bridge (spec and target model class) and
-    megatron-core release made it."""
+    megatron-core release made it. Where this process is in a process group already (a
+    distributed conversion, a training job), the model is built in a child process instead:
+    building it needs megatron-core's parallel state, which would take that group over."""
     version = installed_megatron_core()
     name = f"{bridge.spec_sha256}-{bridge.target}-megatron-core-{version}-v{LAYOUT_VERSION}.json"
     path = _cache_folder() / name
     if path.is_file():
         return Layout.from_json(path.read_text())
-    with training_advice_silenced():
-        computed = compute_layout(bridge)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        computed = Layout.from_json(_compute_in_child(bridge))
+    else:
+        with training_advice_silenced():
+            computed = compute_layout(bridge)
     staging = path.with_suffix(f".{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -276,6 +281,44 @@ def layout(bridge: BridgeBase) -> Layout:
     except OSError:  # a cache that cannot be written only costs the next run this derivation
         staging.unlink(missing_ok=True)
     return computed
+
+
+def _compute_in_child(bridge: BridgeBase) -> str:
+    """The bridge's layout as JSON, derived by a fresh Python process from the bridge's module."""
+    import inspect
+    import subprocess
+    import sys
+
+    import tempfile
+
+    module = inspect.getfile(type(bridge))
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "layout.json"
+        child = subprocess.run(
+            [sys.executable, "-c", _CHILD, module, str(out)],
+            capture_output=True,
+            text=True,
+            env={k: v for k, v in os.environ.items() if k not in _PROCESS_GROUP_VARIABLES},
+        )
+        if child.returncode != 0 or not out.is_file():
+            last = (child.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise ConversionError(f"{module}: deriving its torch_dist layout failed ({last})")
+        return out.read_text()
+
+
+#: What torchrun tells a process; the child building the model must start a group of its own.
+_PROCESS_GROUP_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_CHILD = """
+import importlib.util, sys
+from qwen35_bridge.formats.torch_dist.layout import compute_layout
+from qwen35_bridge.megatron.shims import training_advice_silenced
+spec = importlib.util.spec_from_file_location("qwen35_bridge_layout_child", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+with training_advice_silenced():
+    text = compute_layout(module.Bridge()).to_json()
+open(sys.argv[2], "w").write(text)
+"""
 
 
 def by_key(pieces: list[Piece]) -> dict[str, list[Piece]]:

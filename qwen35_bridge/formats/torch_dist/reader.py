@@ -13,7 +13,6 @@ import os
 import pickle
 import re
 import struct
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,8 +27,6 @@ from qwen35_bridge.formats.torch_dist.layout import Piece, check_coverage, layou
 
 if TYPE_CHECKING:
     from qwen35_bridge.bridge import BridgeBase
-
-KEY_CACHE = 1  # checkpoint keys kept when reading (beyond those the current parameter needs)
 
 
 @dataclass(frozen=True)
@@ -213,26 +210,47 @@ class _Records:
                 ) from None
         return self._fds[relative]
 
-    def tensor(self, key: str) -> torch.Tensor | None:
-        """The key's whole tensor: mapped when it is one chunk; else its chunks read into place."""
+    def region(
+        self, key: str, offset: tuple[int, ...], shape: tuple[int, ...]
+    ) -> torch.Tensor | None:
+        """The region of the key's tensor at `offset` of `shape`, from the chunks that hold it
+        and only those: mapped when it is exactly one chunk; else those chunks read into place.
+        None if a chunk's record is one this reader does not read (DCP's reader then serves)."""
         stored = self._stored[key]
-        places = {}
+        places = []
         for offsets, (sizes, info) in stored.chunks.items():
+            if not _overlap(offsets, sizes, offset, shape):
+                continue
             start = self._start(key, info, stored.dtype, sizes)
             if start is None:
                 return None
-            places[offsets] = (sizes, info, start)
-        if len(places) == 1 and next(iter(places.values()))[0] == stored.size:
-            _sizes, info, start = next(iter(places.values()))
-            return self._map(info.relative_path, start, stored.dtype, stored.size)
-        full = self._buffers.empty(stored.size, stored.dtype)
-        for offsets, (sizes, info, start) in places.items():
-            region = full[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))]
-            if region.is_contiguous():  # one read straight into place, no mapping and copy
-                _read_into(self._fd(info.relative_path), region, start)
-            else:
-                region.copy_(self._map(info.relative_path, start, stored.dtype, sizes))
-        return full
+            places.append((offsets, sizes, info, start))
+        if len(places) == 1 and places[0][:2] == (tuple(offset), tuple(shape)):
+            _offsets, sizes, info, start = places[0]
+            return self._map(info.relative_path, start, stored.dtype, sizes)
+        out = self._buffers.empty(tuple(shape), stored.dtype)
+        for offsets, sizes, info, start in places:
+            inside = tuple(
+                slice(max(o, r) - r, min(o + n, r + m) - r)
+                for o, n, r, m in zip(offsets, sizes, offset, shape)
+            )
+            target = out[inside]
+            whole = all(
+                o >= r and o + n <= r + m for o, n, r, m in zip(offsets, sizes, offset, shape)
+            )
+            if whole and target.is_contiguous():  # one read straight into place
+                _read_into(self._fd(info.relative_path), target, start)
+                continue
+            chunk = self._map(info.relative_path, start, stored.dtype, sizes)
+            target.copy_(
+                chunk[
+                    tuple(
+                        slice(max(o, r) - o, min(o + n, r + m) - o)
+                        for o, n, r, m in zip(offsets, sizes, offset, shape)
+                    )
+                ]
+            )
+        return out
 
     def _start(self, key: str, info: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> int | None:
         """Where the chunk's data starts, if this reader can read the record (else None). A record
@@ -283,8 +301,13 @@ class _Records:
         self._buffers.clear()
 
 
-def _region(piece: Piece) -> tuple[slice, ...]:
-    return tuple(slice(o, o + n) for o, n in zip(piece.offset, piece.chunk_shape))
+def _overlap(
+    offsets: tuple[int, ...],
+    sizes: tuple[int, ...],
+    offset: tuple[int, ...],
+    shape: tuple[int, ...],
+) -> bool:
+    return all(o < r + m and r < o + n for o, n, r, m in zip(offsets, sizes, offset, shape))
 
 
 def _tiling_region(pieces: list[Piece]) -> tuple[slice, ...] | None:
@@ -367,7 +390,7 @@ class Reader:
             _check_chunks(key, entry, self.directory)
         self._dtypes = {k: v.dtype for k, v in stored.items()}
         self._global = {k: v.size for k, v in stored.items()}
-        self._keys: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._keys: dict[str, torch.Tensor] = {}  # a key DCP's reader read whole
         self._records = _Records(self.directory, stored)
 
     def __enter__(self) -> Reader:
@@ -397,53 +420,59 @@ class Reader:
         return {name: self.get(name) for name in names}
 
     def get(self, name: str) -> torch.Tensor:
-        """The parameter's full tensor, its chunks taken from their keys and put back in their rows."""
+        """The parameter's full tensor, from the chunks that hold its pieces (nothing else of their
+        keys is read), its pieces put back in their rows."""
         pieces = self._pieces[name]
-        self._load([p.key for p in pieces])
-        tiled = _tiling_region(pieces)
-        if tiled is not None:  # one region of one key, in row order: a view, no copy
-            return self._keys[pieces[0].key][tiled].reshape(pieces[0].param_shape)
-        chunks = {p: self._keys[p.key][_region(p)] for p in pieces}
-        full = torch.empty(pieces[0].param_shape, dtype=self.dtype(name))
-        for piece, chunk in chunks.items():
-            full[piece.rows[0] : piece.rows[1]] = chunk.reshape(
-                (piece.rows[1] - piece.rows[0], *piece.param_shape[1:])
-            )
+        shape, tiled = pieces[0].param_shape, _tiling_region(pieces)
+        if tiled is not None:  # one region of one key, in row order: read as it lies
+            offset = tuple(s.start for s in tiled)
+            return self._region(
+                pieces[0].key, offset, tuple(s.stop - s.start for s in tiled)
+            ).reshape(shape)
+        full = torch.empty(shape, dtype=self.dtype(name))
+        for piece in pieces:
+            chunk = self._region(piece.key, piece.offset, piece.chunk_shape)
+            rows = (piece.rows[1] - piece.rows[0], *shape[1:])
+            full[piece.rows[0] : piece.rows[1]] = chunk.reshape(rows)
         return full
 
-    def _load(self, keys: list[str]) -> None:
-        """Read whole checkpoint keys (one DCP read for all missing ones); keep the last few, since
-        the parameters of one key (stacked experts) are asked for one after another."""
-        missing = [k for k in dict.fromkeys(keys) if k not in self._keys]
-        for key in missing:
-            direct = self._records.tensor(key)
-            if direct is not None:
-                self._keys[key] = direct
-        missing = [k for k in missing if k not in self._keys]
-        if missing:  # records this reader does not map: DCP's own reader
-            from torch.distributed.checkpoint import (
-                DefaultLoadPlanner,
-                FileSystemReader,
-                load,
-            )
-            from torch.distributed.checkpoint.api import CheckpointException
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `[start, stop)` of the parameter; of a parameter stored whole in its key, only
+        those rows are read."""
+        piece, *more = self._pieces[name]
+        if more or piece.rows is not None or piece.chunk_shape != piece.param_shape:
+            return self.get(name)[start:stop]
+        offset = (piece.offset[0] + start, *piece.offset[1:])
+        return self._region(piece.key, offset, (stop - start, *piece.chunk_shape[1:]))
 
-            state = {k: torch.empty(self._global[k], dtype=self._dtypes[k]) for k in missing}
-            try:
-                load(
-                    state,
-                    storage_reader=FileSystemReader(str(self.directory)),
-                    planner=DefaultLoadPlanner(flatten_state_dict=False),
-                    no_dist=True,
-                )
-            except (Exception, CheckpointException) as e:  # noqa: BLE001 - a bad data file
-                lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-                cause = lines[-1] if lines else type(e).__name__  # DCP's last line names it
-                raise ConversionError(
-                    f"{missing[0]}: cannot read it from the torch_dist checkpoint at {self.directory} ({cause})"
-                ) from None
-            self._keys.update(state)
-        for key in keys:
-            self._keys.move_to_end(key)
-        while len(self._keys) > max(KEY_CACHE, len(set(keys))):
-            self._keys.popitem(last=False)
+    def _region(self, key: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+        direct = self._records.region(key, offset, shape)
+        if direct is not None:
+            return direct
+        whole = self._load_with_dcp(key)  # a record this reader does not read
+        return whole[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+
+    def _load_with_dcp(self, key: str) -> torch.Tensor:
+        """The whole key, by PyTorch DCP's own reader (kept while the next key is read)."""
+        if key in self._keys:
+            return self._keys[key]
+        from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, load
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        state = {key: torch.empty(self._global[key], dtype=self._dtypes[key])}
+        try:
+            load(
+                state,
+                storage_reader=FileSystemReader(str(self.directory)),
+                planner=DefaultLoadPlanner(flatten_state_dict=False),
+                no_dist=True,
+            )
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - a bad data file
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            cause = lines[-1] if lines else type(e).__name__  # DCP's last line names it
+            raise ConversionError(
+                f"{key}: cannot read it from the torch_dist checkpoint at {self.directory} ({cause})"
+            ) from None
+        self._keys.clear()
+        self._keys[key] = state[key]
+        return state[key]

@@ -7,74 +7,92 @@ HF tensors then), so memory holds one converted group, never the model.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import pickle
 import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import torch
 
 from qwen35_bridge.errors import ConversionError
 from qwen35_bridge.formats.torch_dist.layout import (
     COMMON_STATE_KEY,
-    Piece,
+    Layout,
     by_key,
     check_coverage,
     layout,
     serialise_common_state,
 )
-from qwen35_bridge.mapping.kinds import Group
+from qwen35_bridge.workers import SINGLE, Workers
 
 if TYPE_CHECKING:
     from qwen35_bridge.bridge import BridgeBase
 
-GROUP_CACHE = (
-    1  # converted groups kept while writing (chunks are written key by key, group by group)
-)
+
+def data_file(rank: int) -> str:
+    """What PyTorch DCP's FileSystemWriter names rank `rank`'s only data file."""
+    return f"__{rank}_0.distcp"
 
 
-DATA_FILE = "__0_0.distcp"  # what PyTorch DCP's FileSystemWriter names a single rank's only file
+DATA_FILE = data_file(0)
 
 
-def chunk_of(piece: Piece, full: torch.Tensor) -> torch.Tensor:
-    data = full if piece.rows is None else full[piece.rows[0] : piece.rows[1]]
-    return data.reshape(piece.chunk_shape)
+class MegatronSource(Protocol):
+    """Where the writer takes Megatron tensors from: a conversion that makes them on demand."""
+
+    def tensor(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor `name`, or its rows `[start, stop)`."""
+        ...
+
+    def split(self, name: str) -> list[tuple[int, int]] | None:
+        """Row ranges to write `name` in, each a chunk of its own (None: whole)."""
+        ...
 
 
-class _GroupCache:
-    """Converted groups, least recently used dropped first."""
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk of a key to write: a layout piece, or rows of one (a tensor written in parts)."""
 
-    def __init__(
-        self, convert: Callable[[Group], dict[str, torch.Tensor]], groups: tuple[Group, ...]
-    ) -> None:
-        self._convert = convert
-        self._group_of = {name: g for g in groups for name in g.megatron}
-        self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+    key: str
+    param: str
+    offset: tuple[int, ...]
+    shape: tuple[int, ...]
+    rows: tuple[int, int] | None
 
-    def tensor(self, name: str) -> torch.Tensor:
-        group = self._group_of[name]
-        key = id(group)
-        if key not in self._cache:
-            self._cache[key] = self._convert(group)
-            while len(self._cache) > GROUP_CACHE:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
-        return self._cache[key][name]
+
+def chunks(plan: Layout, source: MegatronSource) -> dict[str, list[Chunk]]:
+    """Every key's chunks, in order: its layout pieces, a piece of a tensor written in parts cut
+    into one chunk per part (every worker computes the same list from metadata alone)."""
+    out: dict[str, list[Chunk]] = {}
+    for key, pieces in by_key(plan.pieces).items():
+        for piece in pieces:
+            ranges = source.split(piece.param) if piece.rows is None else None
+            if ranges is None or piece.chunk_shape != piece.param_shape:
+                whole = Chunk(key, piece.param, piece.offset, piece.chunk_shape, piece.rows)
+                out.setdefault(key, []).append(whole)
+                continue
+            first, *rest = piece.offset
+            out.setdefault(key, []).extend(
+                Chunk(key, piece.param, (first + a, *rest), (b - a, *piece.chunk_shape[1:]), (a, b))
+                for a, b in ranges
+            )
+    return out
 
 
 @dataclass(frozen=True)
 class _Record:
-    """Where DCP finds a chunk (or a serialised object, `offset` None) in the data file."""
+    """Where DCP finds a chunk (or a serialised object, `offset` None): in which data file."""
 
     key: str
     offset: tuple[int, ...] | None
     index: int | None
+    file: str
     start: int
     length: int
 
@@ -82,65 +100,83 @@ class _Record:
 def write(
     bridge: BridgeBase,
     destination: Path,
-    convert: Callable[[Group], dict[str, torch.Tensor]],
+    source: MegatronSource,
     dtype_of: Callable[[str], torch.dtype],
     *,
     on_chunk: Callable[[int], None] | None = None,
     common_state: dict[str, Any] | None = None,
+    workers: Workers = SINGLE,
+    mine: Callable[[str], bool] = lambda _name: True,
 ) -> int:
-    """Write `destination` as a torch_dist checkpoint; `convert(group)` gives a group's Megatron
-    tensors, `dtype_of(name)` their dtype. Returns the bytes of tensor data written.
+    """Write `destination` as a torch_dist checkpoint; `source` gives the Megatron tensors,
+    `dtype_of(name)` their dtype. Returns the bytes of tensor data written (by every worker).
     `common_state` replaces the model's (empty) common state: a trainer's run keeps its args,
-    checkpoint version and iteration there.
+    checkpoint version and iteration there. With several workers, each writes the chunks of the
+    tensors `mine` names into its own data file, and the first the objects and the Metadata.
 
-    The files are exactly those PyTorch DCP's FileSystemWriter writes for this state on one rank
-    (objects, then each chunk as a `torch.save` record, then the pickled Metadata; a test holds
-    them against DCP's own output), with torch.save's zip CRC32 turned off (see below). Writing the records here lets DCP's import, which costs as
-    much as a gigabyte of I/O, run in the background meanwhile: only the Metadata needs it.
+    The files are exactly those PyTorch DCP's FileSystemWriter writes for this state (objects,
+    then each chunk as a `torch.save` record, then the pickled Metadata; a test holds them against
+    DCP's own output), with torch.save's zip CRC32 turned off (see below). Writing the records here
+    lets DCP's import, which costs as much as a gigabyte of I/O, run in the background meanwhile:
+    only the Metadata needs it.
     """
     plan = layout(bridge)
     check_coverage(bridge, plan.params())
-    objects = dict(plan.objects)
-    if common_state is not None:
+    objects = dict(plan.objects) if workers.first else {}
+    if common_state is not None and workers.first:
         objects[COMMON_STATE_KEY] = serialise_common_state(common_state)
-    dcp = _BackgroundImport("torch.distributed.checkpoint")
-    cache = _GroupCache(convert, bridge.groups)
-    keys = by_key(plan.pieces)
+    dcp = _BackgroundImport("torch.distributed.checkpoint") if workers.first else None
+    planned = chunks(plan, source)
     records: list[_Record] = []
-    written = 0
-    data_file = Path(destination) / DATA_FILE
+    name = data_file(workers.rank)
+    path = Path(destination) / name
+    with workers.step():
+        try:
+            with without_zip_crc32(), path.open("wb") as stream:
+                for key, payload in objects.items():
+                    records.append(_Record(key, None, None, name, stream.tell(), len(payload)))
+                    stream.write(payload)
+                for key, key_chunks in planned.items():
+                    for index, chunk in enumerate(key_chunks):
+                        if not mine(chunk.param):
+                            continue
+                        data = source.tensor(chunk.param, chunk.rows).reshape(chunk.shape)
+                        start = _save(data.contiguous(), stream, key, path)
+                        records.append(
+                            _Record(key, chunk.offset, index, name, start, stream.tell() - start)
+                        )
+                        if on_chunk:
+                            on_chunk(data.numel() * data.element_size())
+        except OSError as e:  # a full disk, a size limit
+            raise ConversionError(f"{path}: cannot write it ({e.strerror or e})") from None
+    every = [r for rank_records in workers.gather(records) for r in rank_records]
+    with workers.step():
+        if workers.first:
+            metadata = _metadata(dcp.module(), planned, every, dtype_of, str(destination), plan)
+            staging = Path(destination) / ".metadata.tmp"
+            with staging.open("wb") as f:
+                pickle.dump(metadata, f)
+            os.replace(staging, Path(destination) / ".metadata")
+            (Path(destination) / "metadata.json").write_text(plan.config)
+    return sum(
+        math.prod(c.shape) * dtype_of(c.param).itemsize for cs in planned.values() for c in cs
+    )
+
+
+def _save(chunk: torch.Tensor, stream: BinaryIO, key: str, path: Path) -> int:
+    """One chunk as a `torch.save` record at the end of `stream`; returns where it starts."""
+    # torch.save writes whole storages: give the chunk one of its own size
+    if chunk.untyped_storage().nbytes() != chunk.numel() * chunk.element_size():
+        chunk = _own_storage(chunk)
+    start = stream.tell()
     try:
-        with without_zip_crc32(), data_file.open("wb") as stream:
-            for key, payload in objects.items():
-                records.append(_Record(key, None, None, stream.tell(), len(payload)))
-                stream.write(payload)
-            for key, pieces in keys.items():
-                for index, piece in enumerate(pieces):
-                    chunk = chunk_of(piece, cache.tensor(piece.param)).contiguous()
-                    # torch.save writes whole storages: give the chunk one of its own size
-                    if chunk.untyped_storage().nbytes() != chunk.numel() * chunk.element_size():
-                        chunk = _own_storage(chunk)
-                    start = stream.tell()
-                    try:
-                        torch.save(chunk, stream)
-                    except RuntimeError:  # how torch's zip writer reports a short write
-                        raise ConversionError(
-                            f"{key}: cannot write it to {data_file} (the write stopped short: "
-                            "a full disk or a file size limit)"
-                        ) from None
-                    records.append(_Record(key, piece.offset, index, start, stream.tell() - start))
-                    written += chunk.numel() * chunk.element_size()
-                    if on_chunk:
-                        on_chunk(chunk.numel() * chunk.element_size())
-    except OSError as e:  # a full disk, a size limit
-        raise ConversionError(f"{data_file}: cannot write it ({e.strerror or e})") from None
-    metadata = _metadata(dcp.module(), keys, records, dtype_of, str(destination))
-    staging = Path(destination) / ".metadata.tmp"
-    with staging.open("wb") as f:
-        pickle.dump(metadata, f)
-    os.replace(staging, Path(destination) / ".metadata")
-    (Path(destination) / "metadata.json").write_text(plan.config)
-    return written
+        torch.save(chunk, stream)
+    except RuntimeError:  # how torch's zip writer reports a short write
+        raise ConversionError(
+            f"{key}: cannot write it to {path} (the write stopped short: a full disk or a file "
+            "size limit)"
+        ) from None
+    return start
 
 
 def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
@@ -163,23 +199,24 @@ def without_zip_crc32() -> Iterator[None]:
 
 def _metadata(
     dcp: Any,
-    keys: dict[str, list[Piece]],
+    planned: dict[str, list[Chunk]],
     records: list[_Record],
     dtype_of: Callable[[str], torch.dtype],
     checkpoint_id: str,
+    plan: Layout,
 ) -> Any:
     """DCP's Metadata for the records, as its default planner and FileSystemWriter make it."""
     md, filesystem = dcp.metadata, dcp.filesystem
+    global_shapes = {p.key: p.global_shape for p in plan.pieces}
     state: dict[str, Any] = {}
-    for key, pieces in keys.items():
-        chunks = [
-            md.ChunkStorageMetadata(offsets=torch.Size(p.offset), sizes=torch.Size(p.chunk_shape))
-            for p in pieces
-        ]
+    for key, key_chunks in planned.items():
         state[key] = md.TensorStorageMetadata(
-            md.TensorProperties(dtype=dtype_of(pieces[0].param)),
-            torch.Size(pieces[0].global_shape),
-            chunks,
+            md.TensorProperties(dtype=dtype_of(key_chunks[0].param)),
+            torch.Size(global_shapes[key]),
+            [
+                md.ChunkStorageMetadata(offsets=torch.Size(c.offset), sizes=torch.Size(c.shape))
+                for c in key_chunks
+            ],
         )
     for record in records:
         if record.offset is None:
@@ -187,7 +224,7 @@ def _metadata(
     storage = {
         md.MetadataIndex(
             r.key, None if r.offset is None else torch.Size(r.offset), r.index
-        ): filesystem._StorageInfo(DATA_FILE, r.start, r.length)
+        ): filesystem._StorageInfo(r.file, r.start, r.length)
         for r in records
     }
     return md.Metadata(

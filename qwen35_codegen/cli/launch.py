@@ -1,0 +1,89 @@
+"""`codegen convert --workers N`: the same conversion in N processes on this machine, joined as
+torchrun would join them (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), each converting its share.
+
+The workers agree on every failure among themselves (qwen35_bridge.workers); this launcher only
+waits for them, and if one dies without a word (killed, out of memory), stops the others and
+removes the staging folder their run left beside the destination.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+#: How long the others may take to finish after one worker exits with an error before they are
+#: stopped (they stop by themselves at their next exchange when the worker failed in a step).
+GRACE_S = 60.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_workers(argv: Sequence[str], count: int, destination: Path) -> int:
+    """Run `codegen` with `argv` in `count` worker processes; their exit status (the first
+    worker's when it failed, else the first failure's)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    port = _free_port()
+    started = time.time()
+    workers = [
+        context.Process(target=_worker, args=(list(argv), rank, count, port), daemon=False)
+        for rank in range(count)
+    ]
+    for worker in workers:
+        worker.start()
+    failed_at = None
+    try:
+        while any(w.is_alive() for w in workers):
+            if failed_at is None and any(w.exitcode not in (None, 0) for w in workers):
+                failed_at = time.time()
+            if failed_at is not None and time.time() - failed_at > GRACE_S:
+                for worker in workers:
+                    if worker.is_alive():
+                        worker.kill()
+                _remove_staging(Path(destination), since=started)
+            time.sleep(0.1)
+    except KeyboardInterrupt:  # the workers got the interrupt too, and unwind themselves
+        for worker in workers:
+            worker.join()
+    for worker in workers:
+        worker.join()
+    codes = [w.exitcode if w.exitcode is not None else 1 for w in workers]
+    codes = [128 - c if c < 0 else c for c in codes]  # killed by a signal: 128 + its number
+    if codes[0]:
+        return codes[0]
+    return next((c for c in codes if c), 0)
+
+
+def _worker(argv: list[str], rank: int, count: int, port: int) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(count),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // count))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    from qwen35_codegen.cli.main import main
+
+    sys.exit(main(argv))
+
+
+def _remove_staging(destination: Path, *, since: float) -> None:
+    """The hidden staging folders of this run (made since it started) beside `destination`."""
+    for folder in destination.parent.glob(f".{destination.name}.partial-*"):
+        if folder.is_dir() and folder.stat().st_mtime >= since - 1:
+            shutil.rmtree(folder, ignore_errors=True)
