@@ -47,6 +47,7 @@ from qwen35_bridge.formats.safetensors.writer import (
     write_index,
 )
 from qwen35_bridge.mapping.kinds import ConvertOptions, Group, Part, Shape
+from qwen35_bridge.planning import part_step
 from qwen35_bridge.workers import SINGLE, Workers, shares, staged_directory
 
 if TYPE_CHECKING:
@@ -166,14 +167,12 @@ def group_parts(
     """The parts to convert `group` in when its `side` tensors exceed `budget` bytes and it can be
     split (a copied tensor by rows, a packed expert tensor by experts); None: whole. Each part
     holds at most `budget` bytes, or one row (one expert) where a row is larger."""
-    if budget is None or not group.rows or group.part is None:
-        return None
     nbytes = sum(
         math.prod(shape) * reader.dtype(n).itemsize for n, shape in getattr(group, side).items()
     )
-    if nbytes <= budget:
+    step = part_step(group, nbytes, budget)
+    if step is None:
         return None
-    step = max(1, budget * group.rows // nbytes)
     return [group.part(i, min(i + step, group.rows)) for i in range(0, group.rows, step)]
 
 

@@ -255,3 +255,164 @@ def _with_layouts(spec: ModelSpec, experts: str | None, mtp_experts: str | None)
             raise ConversionError(f"--mtp-experts {mtp_experts}: this model has no MTP experts")
         changes["mtp_experts_layout"] = mtp_experts
     return dataclasses.replace(spec, **changes) if changes else spec
+
+
+def plan(
+    direction: str,
+    src: Path,
+    *,
+    output_format: str = "safetensors",
+    run_layout: str | None = None,
+    hf_config: str | None = None,
+    iteration: int | None = None,
+    experts: str | None = None,
+    mtp_experts: str | None = None,
+    target: str | None = None,
+    max_shard_bytes: int,
+    budget: int | None,
+    workers: int,
+    bridge_dir: Path | None = None,
+) -> str:
+    """`convert --plan`: what the conversion would do, from the source's metadata (its headers),
+    or from a config alone (`src` a generator REF for hf-to-megatron; `--hf-config` for a
+    megatron-to-hf source that is not there), whose dtype every tensor is then taken to have."""
+    from contextlib import ExitStack
+
+    from qwen35_bridge.formats.safetensors.reader import CheckpointReader
+    from qwen35_bridge.planning import plan_conversion
+
+    with ExitStack() as stack:
+        if direction == "hf-to-megatron":
+            side, other = "hf", "megatron"
+            if _has_weights(src):
+                bridge, _spec, _ = bridge_for_checkpoint(
+                    src, bridge_dir=bridge_dir, quiet=True, target=target or DEFAULT_TARGET
+                )
+                reader = stack.enter_context(CheckpointReader(src))
+                dtype_of, read_from = reader.dtype, f"{src} (its headers)"
+            else:
+                bridge, dtype_of, read_from = _bridge_from_config(
+                    str(src), experts, mtp_experts, target, bridge_dir
+                )
+        else:
+            side, other, output_format = "megatron", "hf", "safetensors"
+            if Path(src).exists():
+                bridge, _target = _megatron_bridge(
+                    src, hf_config, experts, mtp_experts, target, bridge_dir
+                )
+                reader = stack.enter_context(offline.megatron_reader(bridge, src, iteration))
+                dtype_of, read_from = reader.dtype, f"{reader.directory} (its metadata)"
+            elif hf_config is None:
+                raise ConversionError(
+                    f"{src}: not there; to plan from a config alone, pass --hf-config"
+                )
+            else:
+                bridge, dtype_of, read_from = _bridge_from_config(
+                    hf_config, experts, mtp_experts, target, bridge_dir
+                )
+        folder, extra, chunks_of = "", ["config.json"], None
+        if direction == "hf-to-megatron":
+            extra = ["codegen.json", "hf_config.json"]
+        if output_format == "torch_dist":
+            from qwen35_bridge.formats import megatron_bridge, megatron_lm, torch_dist
+
+            bridge_tree = run_layout == offline.RUN_MEGATRON_BRIDGE
+            folder = ("iter_0000000" if bridge_tree else megatron_lm.RELEASE) + "/"
+            extra += [megatron_lm.TRACKER_NAME]
+            if bridge.target == DEFAULT_TARGET:
+                extra += [megatron_lm.PRETRAIN_ARGS_NAME]
+            if bridge_tree:
+                extra += [
+                    f"{folder}{megatron_bridge.RUN_CONFIG_NAME}",
+                    megatron_bridge.LATEST_TRAIN_STATE_NAME,
+                ]
+            pieces: dict[str, int] = {}
+            for piece in torch_dist.layout(bridge).pieces:  # built on the meta device, or cached
+                pieces[piece.param] = pieces.get(piece.param, 0) + 1
+            chunks_of = pieces.__getitem__
+        made = plan_conversion(
+            bridge.groups,
+            dtype_of,
+            source_side=side,
+            target_side=other,
+            output_format=output_format,
+            max_shard_bytes=max_shard_bytes,
+            budget=budget,
+            workers=workers,
+            data_folder=folder,
+            extra_files=extra,
+            chunks_of=chunks_of,
+        )
+    header = (
+        f"plan: {direction} of {bridge.model_id} ({type(bridge).__name__} in "
+        f"{type(bridge).__module__}), {output_format}; tensors as read from {read_from}\n"
+    )
+    return header + made.render()
+
+
+def _has_weights(folder: Path) -> bool:
+    from qwen35_bridge.paths import INDEX_NAME, SINGLE_FILE_NAME
+
+    return Path(folder).is_dir() and any(
+        (Path(folder) / n).is_file() for n in (INDEX_NAME, SINGLE_FILE_NAME)
+    )
+
+
+def _bridge_from_config(
+    ref: str,
+    experts: str | None,
+    mtp_experts: str | None,
+    target: str | None,
+    bridge_dir: Path | None,
+) -> tuple[BridgeBase, Any, str]:
+    """The bridge of a config alone, and every tensor in the config's dtype (bf16 if it names
+    none; an FP8 release's quantised weights counted dequantised, in bf16)."""
+    source = sources.resolve(ref, repo_root=checkout.REPO_ROOT)
+    choices = LayoutChoices(experts=experts, mtp_experts=mtp_experts)
+    spec = infer_spec(
+        source.config, weight_map=source.weight_map, statements=source.statements, choices=choices
+    )
+    spec = dataclasses.replace(spec, quantization=None)
+    bridge = bridge_for_spec(
+        spec, source.model_id, bridge_dir=bridge_dir, quiet=True, target=target or DEFAULT_TARGET
+    )
+    config = source.config.get("text_config") or source.config
+    name = config.get("dtype") or config.get("torch_dtype") or source.config.get("dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.bfloat16
+    if dtype.itemsize == 1:
+        dtype = torch.bfloat16
+    return (
+        bridge,
+        lambda _name: dtype,
+        f"{source.ref} (a config alone: every tensor {str(dtype).removeprefix('torch.')})",
+    )
+
+
+def _megatron_bridge(
+    src: Path,
+    hf_config: str | None,
+    experts: str | None,
+    mtp_experts: str | None,
+    target: str | None,
+    bridge_dir: Path | None,
+) -> tuple[BridgeBase, str]:
+    """The bridge of a Megatron checkpoint: from its record, else (a trainer's) from --hf-config."""
+    root = offline.record_root(src)
+    if root is None:
+        bridge, _spec, _source = bridge_for_model(
+            src,
+            hf_config,
+            experts=experts,
+            mtp_experts=mtp_experts,
+            bridge_dir=bridge_dir,
+            quiet=True,
+            target=target or DEFAULT_TARGET,
+        )
+        return bridge, bridge.target
+    record, spec = recorded_spec(root)
+    spec = dataclasses.replace(_with_layouts(spec, experts, mtp_experts), quantization=None)
+    bridge = bridge_for_spec(
+        spec, record.model_id, bridge_dir=bridge_dir, quiet=True, target=record.target
+    )
+    return bridge, record.target

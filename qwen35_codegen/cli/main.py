@@ -163,6 +163,32 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise CodegenError(f"--workers {args.workers}: at least one")
+    if args.plan:
+        from qwen35_codegen.cli import convert as conversion
+
+        if args.direction not in ("hf-to-megatron", "megatron-to-hf"):
+            raise CodegenError(
+                f"--plan: for hf-to-megatron and megatron-to-hf, not {args.direction}"
+            )
+        print(
+            conversion.plan(
+                args.direction,
+                args.src,
+                output_format=args.format or "safetensors",
+                run_layout=args.run_layout,
+                hf_config=args.hf_config,
+                iteration=args.iteration,
+                experts=args.experts,
+                mtp_experts=args.mtp_experts,
+                target=args.target,
+                max_shard_bytes=args.max_shard_size,
+                budget=args.memory_budget,
+                workers=args.workers or int(os.environ.get("WORLD_SIZE", "1")),
+                bridge_dir=args.bridge_dir,
+            ),
+            end="",
+        )
+        return 0
     if (args.workers or 1) > 1 and "WORLD_SIZE" not in os.environ:
         from qwen35_codegen.cli.launch import run_workers
 
@@ -362,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="spread the conversion over this many processes on this machine (under torchrun, "
         "over its WORLD_SIZE processes without this option)",
+    )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print what the conversion would write (bytes in all and per worker, the most held "
+        "in memory, the files) and write nothing; SRC may be a config alone (a generate REF, or "
+        "for megatron-to-hf --hf-config)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing destination")
     p.add_argument("--quiet", action="store_true", help="no progress or messages")

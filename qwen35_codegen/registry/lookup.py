@@ -60,6 +60,11 @@ def bridge_for(
     """A bridge instance for `spec` and `target`, and where its module is (for the user to read).
     A bridge generated earlier by this same build for this spec and target is reused without
     rendering it again."""
+    if spec.needs_mtp_experts_choice:
+        raise CodegenError(
+            f"{model_id}: how the MTP layer's experts are stored is unknown (no index, no catalog "
+            "statement); pass --mtp-experts packed|per_expert"
+        )
     committed = find_committed(spec, target)
     if committed is not None:
         module = importlib.import_module(f"{GENERATED_PACKAGE}.{committed}")
