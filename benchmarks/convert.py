@@ -1,20 +1,27 @@
 """Conversion speed and memory against the I/O limit, measured in one run (not a test).
 
-Builds a synthetic checkpoint of about 3 GB from a real catalog config: the real per-layer shapes
-(hidden size, heads, GDN dims, expert and shared-expert sizes, one MTP layer), with fewer layers,
-fewer experts and a smaller vocabulary so that it fits. Then times, each as a whole process (start
-and imports included), with its input in the page cache and nothing else (no dirty pages, and
-the page cache dropped first where the benchmark runs as root):
+For each shape, builds a synthetic checkpoint from a real catalog config with its real per-layer
+shapes (hidden size, heads, GDN dims, expert and shared-expert sizes, one MTP layer):
+
+  dense   Qwen3.5-4B: 16 layers, its full vocabulary, about 4 GB
+  moe     Qwen3.5-35B-A3B: 4 layers, a 32768 vocabulary, packed experts filling about 4 GB
+
+and times, each as a whole process (start and imports included), with its input in the page
+cache and nothing else (no dirty pages, and the page cache dropped first where the benchmark runs
+as root):
 
   baseline             read every tensor and write it unchanged (benchmarks/io_baseline.py)
-  hf-to-megatron       --format safetensors and --format torch_dist
-  megatron-to-hf       from each of those
+  hf-to-megatron       --format safetensors and --format torch_dist, with 1 and 2 workers
+  megatron-to-hf       from each of those, with 1 and 2 workers
 
 in rounds of every case (after a warm-up round), medians of 3 rounds, and prints wall time,
-GB/s, the ratio to the baseline, and each process's peak RSS.
-The last line reads `worst ratio to baseline: R; peak RSS: G GB`.
+GB/s, the ratio to the baseline, the ratio of 2 workers to 1, and each process's peak RSS (a
+worker's, with 2). Then, unless `--big-expert-gb 0`, converts a checkpoint whose one packed
+expert tensor is that large (4 GB: one MoE layer of 1024 experts, no MTP) both ways in both
+formats under the default memory budget and prints each conversion's peak RSS.
+The last line reads `worst ratio to baseline: R; 2 workers / 1 worker: W; peak RSS: G GB`.
 
-    python benchmarks/convert.py [--model Qwen/Qwen3.5-35B-A3B] [--size-gb 3] [--work DIR]
+    python benchmarks/convert.py [--shapes dense,moe] [--size-gb 4] [--workers 1,2] [--work DIR]
 """
 
 from __future__ import annotations
@@ -37,8 +44,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SHARD = "1GB"
-LAYERS = 4  # one period of the schedule: 3 GDN + 1 gated attention
+MOE_LAYERS = 4  # one period of the schedule: 3 GDN + 1 gated attention
+DENSE_LAYERS = 16
 VOCAB = 32768
+SHAPES = {"dense": "Qwen/Qwen3.5-4B", "moe": "Qwen/Qwen3.5-35B-A3B"}
 
 
 @dataclass(frozen=True)
@@ -49,26 +58,50 @@ class Measurement:
     bytes_written: int
 
 
-def synthetic_config(model_id: str, size_bytes: int) -> dict:
-    """The catalog config, text-only, with LAYERS layers, a smaller vocabulary, and as many
-    experts (a multiple of 8) as fit `size_bytes` in bf16."""
+def _text_config(model_id: str) -> dict:
     sys.path.insert(0, str(REPO))  # the test factory (tests.support) is not installed
     from qwen35_codegen import catalog
     from tests.support import text_only_config
 
-    config = text_only_config(copy.deepcopy(catalog.entry(model_id).config))
-    config["num_hidden_layers"] = LAYERS
+    return text_only_config(copy.deepcopy(catalog.entry(model_id).config))
+
+
+def _layers(config: dict, count: int) -> None:
+    config["num_hidden_layers"] = count
     if config.get("layer_types"):
-        config["layer_types"] = config["layer_types"][:LAYERS]
-    config["vocab_size"] = VOCAB
+        period = config["layer_types"][:4]
+        config["layer_types"] = (period * count)[:count]
+
+
+def synthetic_config(model_id: str, size_bytes: int) -> dict:
+    """The catalog config, text-only: a dense model keeps its vocabulary and has DENSE_LAYERS
+    layers; an MoE model has MOE_LAYERS layers, a smaller vocabulary, and as many experts (a
+    multiple of 8) as fit `size_bytes` in bf16."""
+    config = _text_config(model_id)
     if "num_experts" not in config:
+        _layers(config, DENSE_LAYERS)
         return config
+    _layers(config, MOE_LAYERS)
+    config["vocab_size"] = VOCAB
     h, i = config["hidden_size"], config["moe_intermediate_size"]
     config["num_experts"] = 8
     base = _checkpoint_bytes(config)
-    per_expert = 3 * i * h * 2 * (LAYERS + 1)  # bf16 gate, up, down in each decoder and MTP layer
+    per_expert = 3 * i * h * 2 * (MOE_LAYERS + 1)  # bf16 gate, up, down in each layer and MTP
     config["num_experts"] = max(8, (size_bytes - base) // per_expert // 8 * 8 + 8)
     config["num_experts_per_tok"] = min(config["num_experts_per_tok"], config["num_experts"])
+    return config
+
+
+def big_expert_config(packed_bytes: int) -> dict:
+    """One gated-attention MoE layer whose packed gate_up_proj alone is `packed_bytes` in bf16
+    (Qwen3.5-35B-A3B's per-expert shapes, experts added), no MTP layer."""
+    config = _text_config("Qwen/Qwen3.5-35B-A3B")
+    config["num_hidden_layers"] = 1
+    config["layer_types"] = ["full_attention"]
+    config["mtp_num_hidden_layers"] = 0
+    config["vocab_size"] = VOCAB
+    h, i = config["hidden_size"], config["moe_intermediate_size"]
+    config["num_experts"] = -(-packed_bytes // (2 * i * h * 2))
     return config
 
 
@@ -202,20 +235,23 @@ def measure_all(cases: list[Case], env: dict[str, str], repeats: int) -> list[Me
     ]
 
 
-def make_checkpoint(model_id: str, size_gb: float, folder: Path) -> None:
-    """The child process that writes the synthetic checkpoint; prints what it made as JSON."""
+def make_checkpoint(kind: str, size_gb: float, folder: Path) -> None:
+    """The child process that writes a synthetic checkpoint (`kind`: a shape, or `big-expert`);
+    prints what it made as JSON."""
     import torch
 
-    config = synthetic_config(model_id, int(size_gb * 1e9))
+    if kind == "big-expert":
+        config = big_expert_config(int(size_gb * 1e9))
+    else:
+        config = synthetic_config(SHAPES[kind], int(size_gb * 1e9))
     total = write_synthetic(config, folder)
-    largest_group = max(
-        sum(2 * torch.Size(s).numel() for s in g.hf.values()) for g in _bridge(config).groups
-    )
+    groups = _bridge(config).groups
+    sizes = [sum(2 * torch.Size(s).numel() for s in g.hf.values()) for g in groups]
     print(
         json.dumps(
             {
                 "bytes": total,
-                "largest_group": largest_group,
+                "largest_group": max(sizes),
                 "experts": config.get("num_experts", 0),
                 "layers": config["num_hidden_layers"],
                 "vocab": config["vocab_size"],
@@ -224,52 +260,32 @@ def make_checkpoint(model_id: str, size_gb: float, folder: Path) -> None:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="Qwen/Qwen3.5-35B-A3B")
-    parser.add_argument("--size-gb", type=float, default=3.0)
-    parser.add_argument(
-        "--work", type=Path, help="folder for the checkpoints (default: a temporary one)"
-    )
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--make-checkpoint", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.make_checkpoint:
-        return make_checkpoint(args.model, args.size_gb, args.make_checkpoint)
-
-    work = args.work or Path(tempfile.mkdtemp(prefix="codegen-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache"), "TORCHDYNAMO_DISABLE": "1"}
-    source = work / "hf"
-    shutil.rmtree(source, ignore_errors=True)
+def _make(kind: str, size_gb: float, folder: Path, env: dict[str, str]) -> dict:
+    shutil.rmtree(folder, ignore_errors=True)
     made = subprocess.run(
         [
             sys.executable,
             __file__,
             "--make-checkpoint",
-            str(source),
-            "--model",
-            args.model,
+            str(folder),
+            "--kind",
+            kind,
             "--size-gb",
-            str(args.size_gb),
+            str(size_gb),
         ],
         env=env,
         check=True,
         capture_output=True,
         text=True,
     )
-    info = json.loads(made.stdout.strip().splitlines()[-1])
-    largest_group = info["largest_group"]
-    print(
-        f"synthetic checkpoint from {args.model}: {info['bytes'] / 1e9:.2f} GB, {info['layers']} layers + 1 MTP, "
-        f"{info['experts']} experts, vocab {info['vocab']}; largest group {largest_group / 1e9:.3f} GB"
-    )
+    return json.loads(made.stdout.strip().splitlines()[-1])
 
+
+def conversion_cases(source: Path, work: Path, workers: list[int]) -> list[Case]:
+    """The baseline, then each conversion with each number of workers; the one-worker outputs
+    are the sources of the way back."""
     codegen = [sys.executable, "-m", "qwen35_codegen", "convert"]
     common = ["--quiet", "--max-shard-size", SHARD]
-    megatron, dist = work / "meg", work / "dist"
     cases = [
         Case(
             "I/O baseline",
@@ -282,49 +298,168 @@ def main() -> None:
             source,
             work / "baseline",
             False,
-        ),
-        Case(
-            "hf-to-megatron safetensors",
-            [*codegen, "hf-to-megatron", str(source), str(megatron), *common],
-            source,
-            megatron,
-            True,
-        ),
-        Case(
-            "hf-to-megatron torch_dist",
-            [*codegen, "hf-to-megatron", str(source), str(dist), "--format", "torch_dist", *common],
-            source,
-            dist,
-            True,
-        ),
-        Case(
-            "megatron-to-hf from safetensors",
-            [*codegen, "megatron-to-hf", str(megatron), str(work / "back"), *common],
-            megatron,
-            work / "back",
-            False,
-        ),
-        Case(
-            "megatron-to-hf from torch_dist",
-            [*codegen, "megatron-to-hf", str(dist), str(work / "back2"), *common],
-            dist,
-            work / "back2",
-            False,
-        ),
+        )
     ]
-    results = measure_all(cases, env, args.repeats)
+    for fmt in ("safetensors", "torch_dist"):
+        for n in workers:
+            out = work / f"{fmt}-{n}"
+            cases.append(
+                Case(
+                    f"hf-to-megatron {fmt}, {n}w",
+                    [
+                        *codegen,
+                        "hf-to-megatron",
+                        str(source),
+                        str(out),
+                        "--format",
+                        fmt,
+                        "--workers",
+                        str(n),
+                        *common,
+                    ],
+                    source,
+                    out,
+                    n == workers[0],
+                )
+            )
+    for fmt in ("safetensors", "torch_dist"):
+        for n in workers:
+            megatron = work / f"{fmt}-{workers[0]}"
+            out = work / f"back-{fmt}-{n}"
+            cases.append(
+                Case(
+                    f"megatron-to-hf from {fmt}, {n}w",
+                    [
+                        *codegen,
+                        "megatron-to-hf",
+                        str(megatron),
+                        str(out),
+                        "--workers",
+                        str(n),
+                        *common,
+                    ],
+                    megatron,
+                    out,
+                    False,
+                )
+            )
+    return cases
+
+
+def report(shape: str, results: list[Measurement]) -> tuple[float, float]:
+    """Print one shape's table; its worst ratio to the baseline and worst ratio of a conversion
+    with more workers to the same conversion with one."""
     baseline = results[0]
-    print()
-    print(f"{'conversion':34} {'wall s':>7} {'GB/s':>6} {'ratio':>6} {'peak RSS GB':>12}")
+    print(f"{'conversion':38} {'wall s':>7} {'GB/s':>6} {'ratio':>6} {'peak RSS GB':>12}")
     for m in results:
         print(
-            f"{m.name:34} {m.seconds:7.2f} {m.bytes_written / m.seconds / 1e9:6.2f} {m.seconds / baseline.seconds:6.2f} {m.peak_rss_bytes / 1e9:12.2f}"
+            f"{m.name:38} {m.seconds:7.2f} {m.bytes_written / m.seconds / 1e9:6.2f} "
+            f"{m.seconds / baseline.seconds:6.2f} {m.peak_rss_bytes / 1e9:12.2f}"
         )
     conversions = results[1:]
     worst = max(m.seconds / baseline.seconds for m in conversions)
-    peak = max(m.peak_rss_bytes for m in conversions)
-    print(f"RSS bound (1.5 GB + largest group): {(1.5e9 + largest_group) / 1e9:.2f} GB")
-    print(f"worst ratio to baseline: {worst:.2f}; peak RSS: {peak / 1e9:.2f} GB")
+    by_name = {m.name: m for m in conversions}
+    spread = [
+        m.seconds / by_name[m.name.rsplit(", ", 1)[0] + ", 1w"].seconds
+        for m in conversions
+        if not m.name.endswith(", 1w") and m.name.rsplit(", ", 1)[0] + ", 1w" in by_name
+    ]
+    print(
+        f"{shape}: worst ratio to baseline {worst:.2f}; more workers / one worker, worst {max(spread, default=1):.2f}"
+    )
+    return worst, max(spread, default=1.0)
+
+
+def big_expert(work: Path, env: dict[str, str], size_gb: float) -> int:
+    """Each conversion of the big-expert checkpoint once, under the default memory budget; the
+    highest peak RSS."""
+    info = _make("big-expert", size_gb, work / "big-hf", env)
+    print(
+        f"\nbig packed expert: {info['bytes'] / 1e9:.2f} GB, one layer of {info['experts']} experts; "
+        f"its packed gate_up_proj alone {info['largest_group'] / 1e9:.2f} GB"
+    )
+    codegen = [sys.executable, "-m", "qwen35_codegen", "convert"]
+    common = ["--quiet", "--max-shard-size", SHARD]
+    steps = [
+        (
+            "hf-to-megatron torch_dist",
+            [
+                "hf-to-megatron",
+                str(work / "big-hf"),
+                str(work / "big-dist"),
+                "--format",
+                "torch_dist",
+            ],
+        ),
+        (
+            "megatron-to-hf from torch_dist",
+            ["megatron-to-hf", str(work / "big-dist"), str(work / "big-back")],
+        ),
+        (
+            "hf-to-megatron safetensors",
+            ["hf-to-megatron", str(work / "big-hf"), str(work / "big-meg")],
+        ),
+        (
+            "megatron-to-hf from safetensors",
+            ["megatron-to-hf", str(work / "big-meg"), str(work / "big-back2")],
+        ),
+    ]
+    peak = 0
+    for name, args in steps:
+        settle(env)
+        seconds, rss = run([*codegen, *args, *common], env)
+        peak = max(peak, rss)
+        print(f"{name:38} {seconds:7.2f} s  peak RSS {rss / 1e9:.2f} GB")
+    for name in ("big-hf", "big-dist", "big-back", "big-meg", "big-back2"):
+        shutil.rmtree(work / name, ignore_errors=True)
+    return peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shapes", default="dense,moe", help="comma-separated: dense, moe")
+    parser.add_argument("--size-gb", type=float, default=4.0)
+    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    parser.add_argument("--big-expert-gb", type=float, default=4.3)
+    parser.add_argument(
+        "--work", type=Path, help="folder for the checkpoints (default: a temporary one)"
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--make-checkpoint", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--kind", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.make_checkpoint:
+        return make_checkpoint(args.kind, args.size_gb, args.make_checkpoint)
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="codegen-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache"), "TORCHDYNAMO_DISABLE": "1"}
+    workers = [int(n) for n in args.workers.split(",")]
+    worst, spread = 0.0, 0.0
+    for shape in args.shapes.split(","):
+        source = work / f"{shape}-hf"
+        info = _make(shape, args.size_gb, source, env)
+        print(
+            f"\n{shape}: synthetic checkpoint from {SHAPES[shape]}: {info['bytes'] / 1e9:.2f} GB, "
+            f"{info['layers']} layers + 1 MTP, {info['experts']} experts, vocab {info['vocab']}; "
+            f"largest group {info['largest_group'] / 1e9:.3f} GB"
+        )
+        cases = conversion_cases(source, work, workers)
+        results = measure_all(cases, env, args.repeats)
+        shape_worst, shape_spread = report(shape, results)
+        worst, spread = max(worst, shape_worst), max(spread, shape_spread)
+        for case in cases:
+            shutil.rmtree(case.output, ignore_errors=True)
+        shutil.rmtree(source, ignore_errors=True)
+    peak = big_expert(work, env, args.big_expert_gb) if args.big_expert_gb else 0
+    if peak:
+        print(f"big packed expert: peak RSS {peak / 1e9:.2f} GB (bound 2.5 GB)")
+    print(
+        f"worst ratio to baseline: {worst:.2f}; more workers / one worker: {spread:.2f}; "
+        f"peak RSS: {peak / 1e9:.2f} GB"
+    )
 
 
 if __name__ == "__main__":

@@ -101,6 +101,8 @@ class MappingBase:
             raise ValueError(f"{self.megatron}: {{j}} needs megatron_layers")
 
     def groups(self) -> Iterator[Group]:
+        if not self.layers and ("{i}" in self.megatron or "{j}" in self.megatron):
+            return  # a per-layer mapping of a kind of layer the model has none of
         if self.megatron_layers:
             indices = [{"i": i, "j": j} for i, j in zip(self.layers, self.megatron_layers)]
         else:

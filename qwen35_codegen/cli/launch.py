@@ -1,9 +1,9 @@
 """`codegen convert --workers N`: the same conversion in N processes on this machine, joined as
 torchrun would join them (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), each converting its share.
 
-The workers agree on every failure among themselves (qwen35_bridge.workers); this launcher only
-waits for them, and if one dies without a word (killed, out of memory), stops the others and
-removes the staging folder their run left beside the destination.
+The workers agree on every failure among themselves (qwen35_bridge.workers); this launcher hosts
+their rendezvous store, waits for them, and if one dies without a word (killed, out of memory),
+stops the others and removes the staging folder their run left beside the destination.
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ def run_workers(argv: Sequence[str], count: int, destination: Path) -> int:
     ]
     for worker in workers:
         worker.start()
+    # The rendezvous store lives here, as torchrun's agent hosts it, so that no worker's exit
+    # can take it from the others while they leave their group (workers connect as clients).
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", port, count, is_master=True, wait_for_workers=False)
     failed_at = None
     try:
         while any(w.is_alive() for w in workers):
@@ -58,6 +63,7 @@ def run_workers(argv: Sequence[str], count: int, destination: Path) -> int:
             worker.join()
     for worker in workers:
         worker.join()
+    del store
     codes = [w.exitcode if w.exitcode is not None else 1 for w in workers]
     codes = [128 - c if c < 0 else c for c in codes]  # killed by a signal: 128 + its number
     if codes[0]:
@@ -72,6 +78,7 @@ def _worker(argv: list[str], rank: int, count: int, port: int) -> None:
         WORLD_SIZE=str(count),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
+        TORCHELASTIC_USE_AGENT_STORE="True",  # the launcher hosts the store (see run_workers)
     )
     import torch
 

@@ -124,3 +124,12 @@ def test_a_tensor_written_in_parts_must_come_in_order(tmp_path: Path) -> None:
     written = load_file(tmp_path / "model.safetensors")
     assert torch.equal(written["a"], torch.cat([torch.zeros(2, 2), torch.ones(2, 2)]))
     assert math.prod(written["b"].shape) == 2
+
+
+def test_a_per_layer_mapping_of_no_layers_has_no_groups() -> None:
+    """A model with no layer of a kind (no GDN layer, say) gives that kind's mappings no groups."""
+    assert (
+        list(Rename("decoder.layers.{i}.x.weight", hf="model.layers.{i}.x", shape=(2,)).groups())
+        == []
+    )
+    assert len(list(Rename("final.weight", hf="norm.weight", shape=(2,)).groups())) == 1

@@ -307,7 +307,14 @@ def _compute_in_child(bridge: BridgeBase) -> str:
 
 
 #: What torchrun tells a process; the child building the model must start a group of its own.
-_PROCESS_GROUP_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_PROCESS_GROUP_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_USE_AGENT_STORE",
+)
 _CHILD = """
 import importlib.util, sys
 from qwen35_bridge.formats.torch_dist.layout import compute_layout
