@@ -125,7 +125,13 @@ def from_environment() -> Iterator[Workers]:
         yield Workers(dist.get_rank(), dist.get_world_size())
     finally:
         if joined and dist.is_initialized():
-            dist.destroy_process_group()
+            # gloo frees a finished exchange's tensors on its own thread, which needs the
+            # interpreter: a barrier makes it finish with the last exchange before the group goes
+            # (else a worker can abort at exit, "terminate called without an active exception").
+            try:  # a worker that died is waited for a minute, not for the exchange timeout
+                dist.monitored_barrier(timeout=datetime.timedelta(minutes=1))
+            finally:
+                dist.destroy_process_group()
 
 
 @contextmanager

@@ -65,6 +65,12 @@ def run_workers(argv: Sequence[str], count: int, destination: Path) -> int:
         worker.join()
     del store
     codes = [w.exitcode if w.exitcode is not None else 1 for w in workers]
+    for rank, code in enumerate(codes):
+        if code < 0:  # not an error the workers agreed on: the process itself died
+            name = signal.Signals(-code).name
+            print(
+                f"codegen convert: error: worker {rank} of {count} died ({name})", file=sys.stderr
+            )
     codes = [128 - c if c < 0 else c for c in codes]  # killed by a signal: 128 + its number
     if codes[0]:
         return codes[0]
