@@ -515,7 +515,7 @@ def test_fp8_checkpoint(load_config, tmp_path):
 
 
 def test_fp8_partial_blocks_and_scale_dtype():
-    w = torch.randn(20, 40)
+    w = torch.randn(20, 40, generator=torch.Generator().manual_seed(0))
     out = quantize_fp8_blockwise(
         {"a.proj.weight": w, "a.norm.weight": torch.randn(40)}, block=16, scale_dtype=torch.bfloat16
     )
@@ -528,4 +528,7 @@ def test_fp8_partial_blocks_and_scale_dtype():
     from tests.support.fp8 import dequantize_fp8_blockwise
 
     back = dequantize_fp8_blockwise(out, block=16)["a.proj.weight"]
-    assert ((back - w).abs() <= w.abs() / 8 + 1e-6).all()
+    # e4m3 keeps 3 mantissa bits (relative error <= 1/16); values under 2**-6 of a tile's scale
+    # are subnormal, with an absolute error of at most half their step, 2**-10 * scale.
+    tile_scale = scale.float().repeat_interleave(16, 0)[:20].repeat_interleave(16, 1)[:, :40]
+    assert ((back - w).abs() <= w.abs() / 16 + tile_scale / 2**10).all()
