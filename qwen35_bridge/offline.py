@@ -157,16 +157,18 @@ def plan(
     return planned
 
 
-#: Memory a conversion may hold for one group before converting it in parts (`--memory-budget`).
+#: Memory a conversion may hold in tensors, read and converted (`--memory-budget`); a group
+#: whose tensors need more converts in parts.
 DEFAULT_MEMORY_BUDGET = 2 * 1000**3
 
 
 def group_parts(
     group: Group, reader: TensorReader, side: str, budget: int | None
 ) -> list[Part] | None:
-    """The parts to convert `group` in when its `side` tensors exceed `budget` bytes and it can be
-    split (a copied tensor by rows, a packed expert tensor by experts); None: whole. Each part
-    holds at most `budget` bytes, or one row (one expert) where a row is larger."""
+    """The parts to convert `group` in when its `side` tensors and what they convert into exceed
+    `budget` bytes and it can be split (a copied tensor by rows, a packed expert tensor by
+    experts); None: whole. Each part reads at most half the budget, or one row (one expert)
+    where a row is larger (`planning.part_step`)."""
     nbytes = sum(
         math.prod(shape) * reader.dtype(n).itemsize for n, shape in getattr(group, side).items()
     )

@@ -71,20 +71,27 @@ def _bytes(shape: Sequence[int], dtype: torch.dtype) -> int:
 
 def part_step(group: Group, nbytes: int, budget: int | None) -> int | None:
     """Rows (experts) per part when `group`, of `nbytes` on the side read, is converted in parts
-    under `budget`; None when it is converted whole (it fits, or cannot be split)."""
-    if budget is None or not group.rows or group.part is None or nbytes <= budget:
+    under `budget`; None when it is converted whole (it fits, or cannot be split).
+
+    The budget holds what is read and what it converts into (a packed expert tensor stacked from
+    per-expert ones is a copy), so a group converts whole when twice its bytes fit, and otherwise
+    in parts of even size, each at most half the budget (or one row, where a row is larger)."""
+    if budget is None or not group.rows or group.part is None or 2 * nbytes <= budget:
         return None
-    return max(1, budget * group.rows // nbytes)
+    most = max(1, budget // 2 // math.ceil(nbytes / group.rows))
+    parts = math.ceil(group.rows / most)
+    return math.ceil(group.rows / parts)
 
 
 def held(
     group: Group, dtype_of: Callable[[str], torch.dtype], side: str, budget: int | None
 ) -> tuple[int, bool]:
-    """The bytes of `side` tensors the conversion holds for `group` at once, and whether it is
-    converted in parts."""
+    """The bytes the conversion holds for `group` at once (what it reads, and as much again for
+    what that converts into), and whether it is converted in parts."""
     whole = sum(_bytes(shape, dtype_of(n)) for n, shape in getattr(group, side).items())
     step = part_step(group, whole, budget)
-    return (whole, False) if step is None else (math.ceil(whole / group.rows) * step, True)
+    read = whole if step is None else math.ceil(whole / group.rows) * step
+    return 2 * read, step is not None
 
 
 def plan_conversion(

@@ -380,8 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-budget",
         type=parse_size,
         default=str(2 * 1000**3),
-        help="largest group of tensors held at once (default 2GB); a larger one (a packed expert "
-        "tensor, an embedding) is converted in parts, no part larger than this or one expert",
+        help="tensors held at once, read and converted (default 2GB); a group too large for it (a "
+        "packed expert tensor, an embedding) is converted in even parts of at most half of it, "
+        "or one expert",
     )
     p.add_argument(
         "--workers",

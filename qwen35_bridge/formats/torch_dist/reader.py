@@ -96,6 +96,7 @@ def _read_into(fd: int, tensor: torch.Tensor, offset: int) -> None:
 
 _LOCAL_HEADER = b"PK\x03\x04"
 _RECORD_HEAD = 64 * 1024  # a record's pickle and small entries come before its storage
+_RECORD_PEEK = 4 * 1024  # where they almost always end: read first, the rest only if needed
 
 
 def _storage_start(fd: int, offset: int, length: int) -> tuple[int, torch.dtype, int] | None:
@@ -103,7 +104,15 @@ def _storage_start(fd: int, offset: int, length: int) -> tuple[int, torch.dtype,
     number of elements as the record's pickle gives them: its zip entry `<archive>/data/0` is found
     by its local header among the record's first bytes, and must be stored uncompressed, in
     little-endian byte order, with no second storage. None otherwise."""
-    head = os.pread(fd, min(length, _RECORD_HEAD), offset)
+    if length > _RECORD_PEEK:
+        found = _find_storage(os.pread(fd, _RECORD_PEEK, offset), offset)
+        if found is not None:
+            return found
+    return _find_storage(os.pread(fd, min(length, _RECORD_HEAD), offset), offset)
+
+
+def _find_storage(head: bytes, offset: int) -> tuple[int, torch.dtype, int] | None:
+    """`_storage_start` within `head`, the first bytes of the record at `offset`."""
     start, storages, little, storage = None, 0, False, None
     position = head.find(_LOCAL_HEADER)
     while 0 <= position and position + 30 <= len(head):
@@ -217,8 +226,14 @@ class _Records:
         and only those: mapped when it is exactly one chunk; else those chunks read into place.
         None if a chunk's record is one this reader does not read (DCP's reader then serves)."""
         stored = self._stored[key]
+        exact = stored.chunks.get(tuple(offset))
+        candidates = (
+            {tuple(offset): exact}
+            if exact is not None and exact[0] == tuple(shape)
+            else stored.chunks
+        )
         places = []
-        for offsets, (sizes, info) in stored.chunks.items():
+        for offsets, (sizes, info) in candidates.items():
             if not _overlap(offsets, sizes, offset, shape):
                 continue
             start = self._start(key, info, stored.dtype, sizes)
@@ -308,6 +323,11 @@ def _overlap(
     shape: tuple[int, ...],
 ) -> bool:
     return all(o < r + m and r < o + n for o, n, r, m in zip(offsets, sizes, offset, shape))
+
+
+def _one_chunk(piece: Piece) -> bool:
+    """The piece is its whole parameter, in one chunk of its key."""
+    return piece.rows is None and math.prod(piece.chunk_shape) == math.prod(piece.param_shape)
 
 
 def _tiling_region(pieces: list[Piece]) -> tuple[slice, ...] | None:
@@ -417,7 +437,45 @@ class Reader:
         return "torch_dist"
 
     def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
-        return {name: self.get(name) for name in names}
+        """The parameters; those stored one after another in one key (a layer's experts) are
+        read as one region, into one buffer, so that they stay views of one stack."""
+        out: dict[str, torch.Tensor] = {}
+        for run in self._stacked_runs(names):
+            if len(run) == 1:
+                out[run[0]] = self.get(run[0])
+                continue
+            pieces = [self._pieces[name][0] for name in run]
+            tiled = _tiling_region(pieces)
+            assert tiled is not None
+            region = self._region(
+                pieces[0].key,
+                tuple(s.start for s in tiled),
+                tuple(s.stop - s.start for s in tiled),
+            )
+            stack = region.reshape(len(run), *pieces[0].param_shape)
+            out.update(zip(run, stack.unbind(0)))
+        return out
+
+    def _stacked_runs(self, names: list[str]) -> list[list[str]]:
+        """`names` cut into runs of parameters each stored whole as one chunk of one key, the
+        chunks one after another in the order asked; any other parameter is a run of its own."""
+        runs: list[tuple[list[str], bool]] = []
+        for name in names:
+            pieces = self._pieces[name]
+            alone = len(pieces) == 1 and _one_chunk(pieces[0])
+            if alone and runs and runs[-1][1] and self._follows(runs[-1][0], pieces[0]):
+                runs[-1][0].append(name)
+            else:
+                runs.append(([name], alone))
+        return [run for run, _ in runs]
+
+    def _follows(self, run: list[str], piece: Piece) -> bool:
+        last = self._pieces[run[-1]][0]
+        return (
+            last.key == piece.key
+            and last.param_shape == piece.param_shape
+            and _tiling_region([*(self._pieces[n][0] for n in run[-2:]), piece]) is not None
+        )
 
     def get(self, name: str) -> torch.Tensor:
         """The parameter's full tensor, from the chunks that hold its pieces (nothing else of their
