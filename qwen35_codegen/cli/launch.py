@@ -33,7 +33,15 @@ def run_workers(argv: Sequence[str], count: int, destination: Path) -> int:
     worker's when it failed, else the first failure's)."""
     import multiprocessing
 
-    context = multiprocessing.get_context("spawn")
+    # Workers are forked from this process with torch and the converter already imported: each
+    # would otherwise import them itself (seconds of CPU each, on the cores the workers share).
+    # Nothing here has started a thread of its own yet; the store is made after the fork.
+    from torch.distributed import TCPStore
+
+    import qwen35_codegen.cli.convert  # noqa: F401 - imported once, for every worker
+    import qwen35_codegen.cli.main  # noqa: F401
+
+    context = multiprocessing.get_context("fork")
     port = _free_port()
     started = time.time()
     workers = [
@@ -44,8 +52,6 @@ def run_workers(argv: Sequence[str], count: int, destination: Path) -> int:
         worker.start()
     # The rendezvous store lives here, as torchrun's agent hosts it, so that no worker's exit
     # can take it from the others while they leave their group (workers connect as clients).
-    from torch.distributed import TCPStore
-
     store = TCPStore("127.0.0.1", port, count, is_master=True, wait_for_workers=False)
     failed_at = None
     try:
