@@ -28,20 +28,31 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _single_threaded() -> bool:
+    """This process has no thread but its main one (Linux; elsewhere: assume it has)."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
 def run_workers(argv: Sequence[str], count: int, destination: Path) -> int:
     """Run `codegen` with `argv` in `count` worker processes; their exit status (the first
     worker's when it failed, else the first failure's)."""
     import multiprocessing
 
-    # Workers are forked from this process with torch and the converter already imported: each
-    # would otherwise import them itself (seconds of CPU each, on the cores the workers share).
-    # Nothing here has started a thread of its own yet; the store is made after the fork.
+    # Where this process runs nothing else (the `codegen` command), workers are forked from it
+    # with torch and the converter imported once: each would otherwise import them itself,
+    # seconds of CPU each on the cores the workers share. A process with threads of its own (a
+    # test session, a caller's program) spawns fresh workers instead: a fork copies no thread
+    # and could inherit a lock one of them holds. The store is made after the fork.
+    fork = _single_threaded()
     from torch.distributed import TCPStore
 
-    import qwen35_codegen.cli.convert  # noqa: F401 - imported once, for every worker
-    import qwen35_codegen.cli.main  # noqa: F401
+    if fork:
+        import qwen35_codegen.cli.convert  # noqa: F401 - imported once, for every worker
 
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("fork" if fork else "spawn")
     port = _free_port()
     started = time.time()
     workers = [

@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -108,6 +110,32 @@ def test_workers_write_exactly_what_one_process_writes(
             files = sorted(p.name for p in (out / "release").glob("*.distcp"))
             assert files == [f"__{rank}_0.distcp" for rank in range(workers)]
     assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_the_codegen_command_forks_its_workers_and_writes_what_one_process_writes(
+    source, tmp_path: Path
+) -> None:
+    """As its own process (as users run it) the command forks its workers from itself, torch
+    already imported; inside this test session, which has threads, it spawns them instead."""
+    root, checkpoint = source
+    out = tmp_path / "out"
+    args = ["convert", "hf-to-megatron", str(checkpoint.path), str(out), "--format", "torch_dist"]
+    args += ["--bridge-dir", str(root / "bridges"), "--quiet", "--workers", "2"]
+    probe = "import qwen35_codegen.cli.launch as l, sys; print(l._single_threaded())"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout == (
+        "True\n"
+    )
+    from qwen35_codegen.cli.launch import _single_threaded
+
+    assert not _single_threaded()  # this session: the spawning path, which the tests above take
+    done = subprocess.run(
+        [sys.executable, "-m", "qwen35_codegen", *args], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    expected = _megatron_tensors(root / "torch_dist", root, checkpoint.path)
+    _assert_same(_megatron_tensors(out, root, checkpoint.path), expected)
+    files = sorted(p.name for p in (out / "release").glob("*.distcp"))
+    assert files == ["__0_0.distcp", "__1_0.distcp"]
 
 
 @pytest.mark.parametrize(
