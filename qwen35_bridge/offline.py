@@ -179,12 +179,16 @@ def group_parts(
 
 
 def read_part(reader: TensorReader, part: Part, side: str) -> dict[str, torch.Tensor]:
-    """A part's `side` tensors: whole where the part has all of a tensor, else its rows."""
-    out = {}
-    for name, (start, stop) in getattr(part, side).items():
-        whole = (start, stop) == (0, reader.shape(name)[0])
-        out[name] = reader.get(name) if whole else reader.get_rows(name, start, stop)
-    return out
+    """A part's `side` tensors: whole where the part has all of a tensor (read together, so
+    that tensors stored one after another, a part's experts, arrive as views of one buffer),
+    else its rows."""
+    ranges = getattr(part, side)
+    whole = [name for name, rows in ranges.items() if rows == (0, reader.shape(name)[0])]
+    out = reader.get_many(whole)
+    for name, (start, stop) in ranges.items():
+        if name not in out:
+            out[name] = reader.get_rows(name, start, stop)
+    return {name: out[name] for name in ranges}
 
 
 def convert_directory(

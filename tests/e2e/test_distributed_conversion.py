@@ -112,6 +112,28 @@ def test_workers_write_exactly_what_one_process_writes(
     assert not list(tmp_path.glob(".out.partial-*"))
 
 
+def test_a_layers_experts_are_read_into_one_buffer_and_stacked_without_a_copy(source) -> None:
+    """Megatron stores each expert's fc1 as two chunks (gate rows, up rows) of one key per
+    layer; reading the layer's experts together fills one buffer, which the packed HF tensor
+    then views: no copy, and no fresh memory to fault in."""
+    from qwen35_bridge.mapping.kinds import ConvertOptions
+
+    root, checkpoint = source
+    bridge, _spec, _ = bridge_for_checkpoint(
+        checkpoint.path, bridge_dir=root / "bridges", quiet=True
+    )
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    group = next(g for g in bridge.groups if name in g.hf)
+    with torch_dist.Reader(bridge, root / "torch_dist" / "release") as reader:
+        tensors = reader.get_many(list(group.megatron))
+        assert len({t.untyped_storage().data_ptr() for t in tensors.values()}) == 1
+        packed = group.to_hf(tensors, ConvertOptions())[name]
+        assert packed.untyped_storage().data_ptr() == next(
+            iter(tensors.values())
+        ).untyped_storage().data_ptr()
+        assert torch.equal(packed, _hf_tensors(checkpoint.path)[name])
+
+
 def test_the_codegen_command_forks_its_workers_and_writes_what_one_process_writes(
     source, tmp_path: Path
 ) -> None:

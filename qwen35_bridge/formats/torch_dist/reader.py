@@ -325,9 +325,18 @@ def _overlap(
     return all(o < r + m and r < o + n for o, n, r, m in zip(offsets, sizes, offset, shape))
 
 
-def _one_chunk(piece: Piece) -> bool:
-    """The piece is its whole parameter, in one chunk of its key."""
-    return piece.rows is None and math.prod(piece.chunk_shape) == math.prod(piece.param_shape)
+def _next_along(before: tuple[slice, ...], after: tuple[slice, ...]) -> int | None:
+    """The axis along which region `after` directly follows `before` (every other axis the
+    same), if it does."""
+    differ = [d for d, (a, b) in enumerate(zip(before, after)) if a != b]
+    if len(differ) != 1:
+        return None
+    d = differ[0]
+    if after[d].start != before[d].stop or after[d].stop - after[d].start != (
+        before[d].stop - before[d].start
+    ):
+        return None
+    return d
 
 
 def _tiling_region(pieces: list[Piece]) -> tuple[slice, ...] | None:
@@ -444,38 +453,46 @@ class Reader:
             if len(run) == 1:
                 out[run[0]] = self.get(run[0])
                 continue
-            pieces = [self._pieces[name][0] for name in run]
-            tiled = _tiling_region(pieces)
-            assert tiled is not None
-            region = self._region(
-                pieces[0].key,
-                tuple(s.start for s in tiled),
-                tuple(s.stop - s.start for s in tiled),
-            )
-            stack = region.reshape(len(run), *pieces[0].param_shape)
+            first, last = self._whole_region(run[0]), self._whole_region(run[-1])
+            assert first is not None and last is not None
+            offset = tuple(a.start for a in first)
+            shape = tuple(b.stop - a.start for a, b in zip(first, last))
+            region = self._region(self._pieces[run[0]][0].key, offset, shape)
+            stack = region.reshape(len(run), *self.shape(run[0]))
             out.update(zip(run, stack.unbind(0)))
         return out
 
     def _stacked_runs(self, names: list[str]) -> list[list[str]]:
-        """`names` cut into runs of parameters each stored whole as one chunk of one key, the
-        chunks one after another in the order asked; any other parameter is a run of its own."""
-        runs: list[tuple[list[str], bool]] = []
+        """`names` cut into runs of parameters that each fill a region of one key, the regions
+        one after another along one axis in the order asked; any other parameter is a run of its
+        own."""
+        runs: list[list[str]] = []
+        axis: int | None = None
         for name in names:
-            pieces = self._pieces[name]
-            alone = len(pieces) == 1 and _one_chunk(pieces[0])
-            if alone and runs and runs[-1][1] and self._follows(runs[-1][0], pieces[0]):
-                runs[-1][0].append(name)
-            else:
-                runs.append(([name], alone))
-        return [run for run, _ in runs]
+            here = self._whole_region(name)
+            if here is not None and runs and self._whole_region(runs[-1][-1]) is not None:
+                before = runs[-1][-1]
+                step = _next_along(self._whole_region(before), here)
+                same = (
+                    self._pieces[before][0].key == self._pieces[name][0].key
+                    and self.shape(before) == self.shape(name)
+                )
+                if same and step is not None and (len(runs[-1]) == 1 or step == axis):
+                    runs[-1].append(name)
+                    axis = step
+                    continue
+            runs.append([name])
+        return runs
 
-    def _follows(self, run: list[str], piece: Piece) -> bool:
-        last = self._pieces[run[-1]][0]
-        return (
-            last.key == piece.key
-            and last.param_shape == piece.param_shape
-            and _tiling_region([*(self._pieces[n][0] for n in run[-2:]), piece]) is not None
-        )
+    def _whole_region(self, name: str) -> tuple[slice, ...] | None:
+        """The region of its key that the parameter fills, its pieces in row order (then its
+        tensor is that region, reshaped), if it does."""
+        pieces = self._pieces[name]
+        region = _tiling_region(pieces)
+        if region is None:
+            return None
+        numel = math.prod(s.stop - s.start for s in region)
+        return region if numel == math.prod(pieces[0].param_shape) else None
 
     def get(self, name: str) -> torch.Tensor:
         """The parameter's full tensor, from the chunks that hold its pieces (nothing else of their
