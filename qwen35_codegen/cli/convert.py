@@ -367,14 +367,14 @@ def _bridge_from_config(
 ) -> tuple[BridgeBase, Any, str]:
     """The bridge of a config alone, and every tensor in the config's dtype (bf16 if it names
     none; an FP8 release's quantised weights counted dequantised, in bf16)."""
-    source = sources.resolve(ref, repo_root=checkout.REPO_ROOT)
-    choices = LayoutChoices(experts=experts, mtp_experts=mtp_experts)
-    spec = infer_spec(
-        source.config, weight_map=source.weight_map, statements=source.statements, choices=choices
-    )
-    spec = dataclasses.replace(spec, quantization=None)
-    bridge = bridge_for_spec(
-        spec, source.model_id, bridge_dir=bridge_dir, quiet=True, target=target or DEFAULT_TARGET
+    bridge, _spec, source = bridge_for_model(
+        Path(ref),
+        ref,
+        experts=experts,
+        mtp_experts=mtp_experts,
+        bridge_dir=bridge_dir,
+        quiet=True,
+        target=target or DEFAULT_TARGET,
     )
     config = source.config.get("text_config") or source.config
     name = config.get("dtype") or config.get("torch_dtype") or source.config.get("dtype")
