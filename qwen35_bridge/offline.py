@@ -22,6 +22,7 @@ import torch
 
 from qwen35_bridge.errors import ConversionError
 from qwen35_bridge.formats import dtypes, fp8, megatron_bridge, megatron_lm
+from qwen35_bridge.formats.buffers import ReadBuffers
 from qwen35_bridge.formats.fp8 import DequantizingReader
 from qwen35_bridge.formats.protocol import TensorReader
 from qwen35_bridge.formats.megatron_bridge import TOKENIZER_FOLDER
@@ -47,6 +48,7 @@ from qwen35_bridge.formats.safetensors.writer import (
     write_index,
 )
 from qwen35_bridge.mapping.kinds import ConvertOptions, Group, Part, Shape
+from qwen35_bridge.mapping.transforms import outputs_from
 from qwen35_bridge.planning import part_step
 from qwen35_bridge.workers import SINGLE, Workers, shares, staged_directory
 
@@ -401,6 +403,7 @@ def hf_to_megatron(
     """
     record = replace(record, format=FORMATS[output_format])
     with ExitStack() as stack:
+        stack.enter_context(outputs_from(ReadBuffers().empty))  # no page faults per group
         with workers.step():
             raw = stack.enter_context(CheckpointReader(source))
             reader: TensorReader = raw
@@ -487,6 +490,7 @@ def megatron_to_hf(
     if root is None:
         raise ConversionError(f"{source}: no {RECORD_NAME}; not written by codegen convert")
     with ExitStack() as stack:
+        stack.enter_context(outputs_from(ReadBuffers().empty))  # no page faults per group
         with workers.step():
             reader = stack.enter_context(megatron_reader(bridge, Path(source)))
             check_source(reader, bridge.megatron_shapes, "Megatron")
@@ -573,6 +577,7 @@ def training_to_hf(
     tokenizer's files (the run's own, else those of `config_dir`). The model's tensors must be
     exactly the bridge's; optimizer and RNG state are never read and are listed in the report."""
     with ExitStack() as stack:
+        stack.enter_context(outputs_from(ReadBuffers().empty))  # no page faults per group
         with workers.step():
             reader = stack.enter_context(training_reader(bridge, Path(source), iteration))
             check_source(reader, bridge.megatron_shapes, "Megatron")

@@ -1,4 +1,5 @@
-"""Memory that checkpoint readers read into, used again once no tensor uses it."""
+"""Memory that checkpoint readers read into (and conversions join tensors into), used again once
+no tensor uses it."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ class ReadBuffers:
 
     Fresh memory costs a page fault per 4 KiB page when first written; measured here, reading into
     new memory took 6x as long as reading into memory touched before, and it made reading a
-    torch_dist checkpoint the slowest conversion. A buffer is handed out again only when PyTorch
-    counts no tensor on it, so nothing still holding an earlier tensor can see it overwritten.
+    torch_dist checkpoint the slowest conversion. Conversions hand the same kind of memory to the
+    transforms that join tensors (`transforms.outputs_from`). A buffer is handed out again only
+    when PyTorch counts no tensor on it, so nothing still holding an earlier tensor can see it
+    overwritten.
     """
 
     def __init__(self) -> None:

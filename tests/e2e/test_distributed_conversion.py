@@ -128,9 +128,10 @@ def test_a_layers_experts_are_read_into_one_buffer_and_stacked_without_a_copy(so
         tensors = reader.get_many(list(group.megatron))
         assert len({t.untyped_storage().data_ptr() for t in tensors.values()}) == 1
         packed = group.to_hf(tensors, ConvertOptions())[name]
-        assert packed.untyped_storage().data_ptr() == next(
-            iter(tensors.values())
-        ).untyped_storage().data_ptr()
+        assert (
+            packed.untyped_storage().data_ptr()
+            == next(iter(tensors.values())).untyped_storage().data_ptr()
+        )
         assert torch.equal(packed, _hf_tensors(checkpoint.path)[name])
 
 
@@ -158,6 +159,24 @@ def test_the_codegen_command_forks_its_workers_and_writes_what_one_process_write
     _assert_same(_megatron_tensors(out, root, checkpoint.path), expected)
     files = sorted(p.name for p in (out / "release").glob("*.distcp"))
     assert files == ["__0_0.distcp", "__1_0.distcp"]
+
+
+def test_a_torch_dist_conversion_does_not_import_dcp(source, tmp_path: Path) -> None:
+    """hf-to-megatron into torch_dist as its own process: importing torch.distributed.checkpoint
+    costs about a second of CPU, and the writer needs none of it (metadata_pickle)."""
+    root, checkpoint = source
+    args = ["convert", "hf-to-megatron", str(checkpoint.path), str(tmp_path / "out")]
+    args += ["--format", "torch_dist", "--bridge-dir", str(root / "bridges"), "--quiet"]
+    script = (
+        "import sys\n"
+        "from qwen35_codegen.cli.main import main\n"
+        f"assert main({args!r}) == 0\n"
+        "assert 'torch.distributed.checkpoint' not in sys.modules, 'DCP was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    expected = _megatron_tensors(root / "torch_dist", root, checkpoint.path)
+    _assert_same(_megatron_tensors(tmp_path / "out", root, checkpoint.path), expected)
 
 
 @pytest.mark.parametrize(

@@ -231,3 +231,48 @@ def test_naive_contiguous_split_of_in_proj_differs():
     assert not torch.equal(
         COLUMN.shard(full, 0, 2), sections(*dims.in_proj_sections).shard(full, 0, 2)
     )
+
+
+def test_joined_outputs_go_into_the_memory_given_and_are_the_same() -> None:
+    """Under `outputs_from`, every transform that joins tensors writes into the memory it is
+    handed (a conversion hands it memory used again), with the same values as without; memory a
+    result still holds is never handed out again."""
+    from qwen35_bridge.formats.buffers import ReadBuffers
+
+    dims, gdn = t.AttentionDims(heads=4, kv_heads=2, head_dim=3), t.GDNDims(2, 4, 3, 2)
+    q, k, v = rand(24, HIDDEN, seed=1), rand(6, HIDDEN, seed=2), rand(6, HIDDEN, seed=3)
+    s = gdn.in_proj_sections
+    in_proj = [
+        rand(s[0] + s[1] + s[2], HIDDEN, seed=4),
+        *(rand(n, HIDDEN, seed=5 + n) for n in s[3:]),
+    ]
+    cases = {
+        "gated_qkv_to_megatron": lambda: [t.gated_qkv_to_megatron(q, k, v, dims)],
+        "gated_qkv_to_hf": lambda: list(
+            t.gated_qkv_to_hf(t.gated_qkv_to_megatron(q, k, v, dims), dims)
+        )[:1],
+        "gdn_in_proj_to_megatron": lambda: [t.gdn_in_proj_to_megatron(*in_proj)],
+        "gdn_in_proj_to_hf": lambda: [t.gdn_in_proj_to_hf(torch.cat(in_proj), gdn)[0]],
+        "glu_to_megatron": lambda: [t.glu_to_megatron(q, q + 1)],
+        "stack_experts": lambda: [t.stack_experts([q, k.repeat(4, 1)])],
+    }
+    plain = {name: make() for name, make in cases.items()}
+    buffers = ReadBuffers()
+    given_out: list[int] = []
+
+    def allocate(shape, dtype):
+        tensor = buffers.empty(shape, dtype)
+        given_out.append(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with t.outputs_from(allocate):
+        for name, make in cases.items():
+            given_out.clear()
+            (joined,) = make()[-1:]
+            assert given_out and joined.untyped_storage().data_ptr() == given_out[-1], name
+            assert bit_equal(joined, plain[name][-1]), name
+        held = t.glu_to_megatron(q, q)
+        again = t.glu_to_megatron(k, k)
+        assert again.untyped_storage().data_ptr() != held.untyped_storage().data_ptr()
+        assert bit_equal(held, torch.cat([q, q]))
+    assert t.glu_to_megatron(q, q).untyped_storage().data_ptr() not in given_out  # outside: fresh

@@ -6,12 +6,8 @@ HF tensors then), so memory holds one converted group, never the model.
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
-import pickle
-import threading
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +17,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 import torch
 
 from qwen35_bridge.errors import ConversionError
+from qwen35_bridge.formats.torch_dist import metadata_pickle
 from qwen35_bridge.formats.torch_dist.layout import (
     COMMON_STATE_KEY,
     Layout,
@@ -116,16 +113,15 @@ def write(
 
     The files are exactly those PyTorch DCP's FileSystemWriter writes for this state (objects,
     then each chunk as a `torch.save` record, then the pickled Metadata; a test holds them against
-    DCP's own output), with torch.save's zip CRC32 turned off (see below). Writing the records here
-    lets DCP's import, which costs as much as a gigabyte of I/O, run in the background meanwhile:
-    only the Metadata needs it.
+    DCP's own output), with torch.save's zip CRC32 turned off (see below). DCP itself is not
+    imported: its import costs as much as a gigabyte of I/O, and the Metadata is pickled with
+    stand-ins for its classes (metadata_pickle).
     """
     plan = layout(bridge)
     check_coverage(bridge, plan.params())
     objects = dict(plan.objects) if workers.first else {}
     if common_state is not None and workers.first:
         objects[COMMON_STATE_KEY] = serialise_common_state(common_state)
-    dcp = _BackgroundImport("torch.distributed.checkpoint") if workers.first else None
     planned = chunks(plan, source)
     records: list[_Record] = []
     name = data_file(workers.rank)
@@ -152,10 +148,10 @@ def write(
     every = [r for rank_records in workers.gather(records) for r in rank_records]
     with workers.step():
         if workers.first:
-            metadata = _metadata(dcp.module(), planned, every, dtype_of, str(destination), plan)
+            metadata = _metadata(planned, every, dtype_of, str(destination), plan)
             staging = Path(destination) / ".metadata.tmp"
             with staging.open("wb") as f:
-                pickle.dump(metadata, f)
+                metadata_pickle.dump(metadata, f)
             os.replace(staging, Path(destination) / ".metadata")
             (Path(destination) / "metadata.json").write_text(plan.config)
     return sum(
@@ -198,7 +194,6 @@ def without_zip_crc32() -> Iterator[None]:
 
 
 def _metadata(
-    dcp: Any,
     planned: dict[str, list[Chunk]],
     records: list[_Record],
     dtype_of: Callable[[str], torch.dtype],
@@ -206,53 +201,22 @@ def _metadata(
     plan: Layout,
 ) -> Any:
     """DCP's Metadata for the records, as its default planner and FileSystemWriter make it."""
-    md, filesystem = dcp.metadata, dcp.filesystem
     global_shapes = {p.key: p.global_shape for p in plan.pieces}
-    state: dict[str, Any] = {}
-    for key, key_chunks in planned.items():
-        state[key] = md.TensorStorageMetadata(
-            md.TensorProperties(dtype=dtype_of(key_chunks[0].param)),
-            torch.Size(global_shapes[key]),
-            [
-                md.ChunkStorageMetadata(offsets=torch.Size(c.offset), sizes=torch.Size(c.shape))
-                for c in key_chunks
-            ],
+    state = {
+        key: metadata_pickle.tensor_storage(
+            dtype_of(key_chunks[0].param),
+            global_shapes[key],
+            [(c.offset, c.shape) for c in key_chunks],
         )
+        for key, key_chunks in planned.items()
+    }
     for record in records:
         if record.offset is None:
-            state[record.key] = md.BytesStorageMetadata()
+            state[record.key] = metadata_pickle.bytes_storage()
     storage = {
-        md.MetadataIndex(
-            r.key, None if r.offset is None else torch.Size(r.offset), r.index
-        ): filesystem._StorageInfo(r.file, r.start, r.length)
+        metadata_pickle.storage_index(r.key, r.offset, r.index): metadata_pickle.storage_info(
+            r.file, r.start, r.length
+        )
         for r in records
     }
-    return md.Metadata(
-        state_dict_metadata=state,
-        planner_data=None,
-        storage_data=storage,
-        storage_meta=md.StorageMeta(checkpoint_id=checkpoint_id, save_id=str(uuid.uuid4())),
-        version=filesystem.CURRENT_DCP_VERSION,
-    )
-
-
-class _BackgroundImport:
-    """Imports a module in a thread, so its import overlaps with other work."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            importlib.import_module(self._name)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            self._error = e
-
-    def module(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return importlib.import_module(self._name)
+    return metadata_pickle.metadata(state, storage, checkpoint_id)
