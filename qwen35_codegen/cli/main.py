@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 from qwen35_bridge.errors import BridgeError
 from qwen35_bridge.targets import DEFAULT_TARGET, TARGETS
@@ -205,24 +206,31 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace, workers) -> int:  # workers: qwen35_bridge.workers.Workers
-    from qwen35_codegen.cli import convert as conversion
-
-    with _settled_heap():
+    with _settled_heap() as conversion:
         return _convert_with(conversion, args, workers)
 
 
 @contextmanager
-def _settled_heap() -> Iterator[None]:
-    """What exists before a conversion (the imported modules) outlives it, so the garbage
-    collector's full passes while the conversion allocates need not walk it (profiled, the
-    collector took 6-9% of an hf-to-megatron's CPU). Garbage is collected first, so that none
-    is kept; thawed afterwards."""
-    gc.collect()
-    gc.freeze()
+def _settled_heap() -> Iterator[ModuleType]:
+    """Imports the converter (and torch): the objects the import makes outlive the conversion, so
+    the garbage collector is off while they are made (the import ran 0.2-0.3 s faster), and then
+    frozen, so that its passes while the conversion allocates need not walk them (profiled, the
+    collector took 6-9% of an hf-to-megatron's CPU). Garbage is collected first, so that none is
+    kept; the collector's state is restored afterwards."""
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        yield
+        from qwen35_codegen.cli import convert as conversion
+
+        gc.collect()
+        gc.freeze()
+        if enabled:
+            gc.enable()
+        yield conversion
     finally:
         gc.unfreeze()
+        if enabled:
+            gc.enable()
 
 
 def _convert_with(conversion, args: argparse.Namespace, workers) -> int:
