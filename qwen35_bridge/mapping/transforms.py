@@ -37,23 +37,27 @@ def outputs_from(allocate: Allocate) -> Iterator[None]:
         _allocate.reset(token)
 
 
-def _cat(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
+def _joined_into(tensors: Sequence[Tensor], shape: tuple[int, ...]) -> Tensor | None:
+    """Where a join of `tensors` of `shape` goes: memory from `outputs_from`, or None (fresh
+    memory) outside it or for tensors of mixed dtypes, which torch promotes."""
     allocate = _allocate.get()
-    first = tensors[0]
-    if allocate is None or any(t.dtype != first.dtype for t in tensors):
-        return torch.cat(tensors, dim)
-    shape = list(first.shape)
+    dtype = tensors[0].dtype
+    if allocate is None or any(t.dtype != dtype for t in tensors):
+        return None
+    return allocate(shape, dtype)
+
+
+def _cat(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
+    shape = list(tensors[0].shape)
     shape[dim] = sum(t.shape[dim] for t in tensors)
-    return torch.cat(tensors, dim, out=allocate(tuple(shape), first.dtype))
+    return torch.cat(tensors, dim, out=_joined_into(tensors, tuple(shape)))
 
 
 def _stack(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
-    allocate = _allocate.get()
-    first = tensors[0]
-    if allocate is None or any(t.dtype != first.dtype for t in tensors):
-        return torch.stack(tensors, dim)
-    shape = (*first.shape[:dim], len(tensors), *first.shape[dim:])
-    return torch.stack(tensors, dim, out=allocate(shape, first.dtype))
+    shape = tensors[0].shape
+    return torch.stack(
+        tensors, dim, out=_joined_into(tensors, (*shape[:dim], len(tensors), *shape[dim:]))
+    )
 
 
 # -- Gated attention QKV ---------------------------------------------------------------------------

@@ -100,14 +100,19 @@ def metadata(
     state: Mapping[str, _Instance], storage: Mapping[_Instance, _Instance], checkpoint_id: str
 ) -> _Instance:
     """The Metadata DCP's default planner and FileSystemWriter make, with a fresh save id."""
-    meta = {"checkpoint_id": checkpoint_id, "save_id": str(uuid.uuid4()), "load_id": None}
+    storage_meta = {
+        "checkpoint_id": checkpoint_id,
+        "save_id": str(uuid.uuid4()),
+        "load_id": None,
+        "modules": [],
+    }
     return _Instance(
         _METADATA_CLASS,
         {
             "state_dict_metadata": dict(state),
             "planner_data": None,
             "storage_data": dict(storage),
-            "storage_meta": _Instance(_STORAGE_META, {**meta, "modules": []}),
+            "storage_meta": _Instance(_STORAGE_META, storage_meta),
             "version": DCP_VERSION,
         },
     )
