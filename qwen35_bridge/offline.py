@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qwen35_bridge.errors import ConversionError
-from qwen35_bridge.formats import dtypes, fp8, megatron_bridge, megatron_lm
+from qwen35_bridge.formats import dtypes, fp8, megatron_bridge, megatron_lm, spans
 from qwen35_bridge.formats.buffers import ReadBuffers
 from qwen35_bridge.formats.fp8 import DequantizingReader
-from qwen35_bridge.formats.protocol import TensorReader
+from qwen35_bridge.formats.protocol import StoringReader, TensorReader
 from qwen35_bridge.formats.megatron_bridge import TOKENIZER_FOLDER
 from qwen35_bridge.formats.record import (
     FORMAT_TORCH_DIST,
@@ -47,6 +47,7 @@ from qwen35_bridge.formats.safetensors.writer import (
     shard_file_names,
     write_index,
 )
+from qwen35_bridge.formats.spans import StoredTensor
 from qwen35_bridge.mapping.kinds import ConvertOptions, Group, Part, Shape
 from qwen35_bridge.mapping.transforms import outputs_from
 from qwen35_bridge.planning import part_step
@@ -193,6 +194,33 @@ def read_part(reader: TensorReader, part: Part, side: str) -> dict[str, torch.Te
     return {name: out[name] for name in ranges}
 
 
+def stored_outputs(
+    group: Group, reader: TensorReader, source_side: str, target_side: str
+) -> dict[str, StoredTensor] | None:
+    """The group's `target_side` tensors as the bytes of source files, in write order, when
+    converting it only moves bytes (`group.copies`, or a renaming between model classes) and the
+    reader says where each of its source tensors lies (`stored`); None otherwise."""
+    if not isinstance(reader, StoringReader):
+        return None
+    if source_side == target_side:
+        pieces = {name: ((name, None),) for name in getattr(group, source_side)}
+    elif group.copies is not None:
+        pieces = getattr(group.copies, f"to_{target_side}")
+    else:
+        return None
+    sources = {name: reader.stored(name) for name in getattr(group, source_side)}
+    if any(found is None for found in sources.values()):
+        return None
+    shapes = getattr(group, target_side)
+    return {
+        target: spans.join(
+            [sources[n] if rows is None else sources[n].rows(*rows) for n, rows in made_of],
+            tuple(shapes[target]),
+        )
+        for target, made_of in pieces.items()
+    }
+
+
 def convert_directory(
     groups: Sequence[Group],
     reader: TensorReader,
@@ -280,6 +308,12 @@ def _convert_group(
     """One group read, converted and written (in parts, when it is larger than `budget`); its
     tensors die when this returns, so memory holds one group, or one part, at a time. Returns
     the number of tensors read."""
+    stored = stored_outputs(group, reader, source_side, target_side) if stage is None else None
+    if stored is not None:  # copied file to file, unread: no memory to bound
+        for name in getattr(group, target_side):
+            writer.write(name, stored[name])
+        progress.advance(len(stored), sum(t.nbytes for t in stored.values()))
+        return len(getattr(group, source_side))
     parts = group_parts(group, reader, source_side, budget) if stage is None else None
     if parts is not None:
         for part in parts:
@@ -325,6 +359,7 @@ class ConvertedTensors:
         self._group_of = {name: g for g in groups for name in g.megatron}
         self._parts: dict[int, list[Part] | None] = {}
         self._held: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._stored: tuple[Group, dict[str, StoredTensor] | None] | None = None
 
     def _parts_of(self, group: Group) -> list[Part] | None:
         if id(group) not in self._parts:
@@ -336,8 +371,10 @@ class ConvertedTensors:
         ranges = [p.megatron[name] for p in parts or () if name in p.megatron]
         return ranges if len(ranges) > 1 else None
 
-    def tensor(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def tensor(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | StoredTensor:
         group = self._group_of[name]
+        if (stored := self._stored_of(group)) is not None:  # copied file to file, unread
+            return stored[name] if rows is None else stored[name].rows(*rows)
         parts = self._parts_of(group)
         if parts is None:
             tensors = self._held_or(id(group), lambda: self._convert(group))
@@ -356,6 +393,11 @@ class ConvertedTensors:
         first = part.megatron[name][0]
         tensor = tensors[name]
         return tensor if rows is None else tensor[rows[0] - first : rows[1] - first]
+
+    def _stored_of(self, group: Group) -> dict[str, StoredTensor] | None:
+        if self._stored is None or self._stored[0] is not group:
+            self._stored = (group, stored_outputs(group, self._reader, self._side, "megatron"))
+        return self._stored[1]
 
     def _held_or(
         self, key: int, make: Callable[[], dict[str, torch.Tensor]]

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from qwen35_bridge.errors import ConversionError
-from qwen35_bridge.formats.protocol import TensorReader
+from qwen35_bridge.formats.protocol import StoringReader, TensorReader
 from qwen35_bridge.formats.megatron_bridge import TOKENIZER_FOLDER
 from qwen35_bridge.formats.record import (
     FORMAT_TORCH_DIST,
@@ -32,6 +32,7 @@ from qwen35_bridge.formats.record import (
     copy_tokenizer_files,
 )
 from qwen35_bridge.formats.safetensors.writer import DEFAULT_MAX_SHARD_BYTES
+from qwen35_bridge.formats.spans import StoredTensor
 from qwen35_bridge.formats.staging import staged_directory
 from qwen35_bridge.mapping.kinds import ConvertOptions
 from qwen35_bridge.offline import (
@@ -109,6 +110,11 @@ class RenamedReader:
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._reader.get_rows(self._source[name], start, stop)
+
+    def stored(self, name: str) -> StoredTensor | None:
+        if not isinstance(self._reader, StoringReader):
+            return None
+        return self._reader.stored(self._source[name])
 
     def close(self) -> None:
         self._reader.close()

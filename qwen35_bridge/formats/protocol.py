@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import torch
 
+    from qwen35_bridge.formats.spans import StoredTensor
+
 
 @runtime_checkable
 class TensorReader(Protocol):
@@ -43,6 +45,17 @@ class TensorReader(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class StoringReader(Protocol):
+    """A reader that can say where a tensor's bytes lie in its files, so that a tensor a
+    conversion only moves is copied file to file without being read (`formats.spans`)."""
+
+    def stored(self, name: str) -> StoredTensor | None:
+        """The tensor's bytes in the checkpoint's files, in order; None where they do not lie
+        there as one row-major run per part (it is then read)."""
+        ...
 
 
 @runtime_checkable

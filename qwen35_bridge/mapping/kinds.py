@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 from qwen35_bridge.mapping import dims as d
@@ -53,6 +54,32 @@ class Part:
     to_hf: Callable[[Tensors], dict[str, Tensor]] = field(repr=False, compare=False)
 
 
+#: Rows of named tensors, one after another (rows None: all of the tensor).
+Pieces = tuple[tuple[str, "Rows | None"], ...]
+
+
+@dataclass(frozen=True)
+class Copies:
+    """A group that converts by moving rows alone: each target tensor, in each direction, as the
+    source tensors' rows its bytes are, in order. A conversion can then copy those bytes from
+    file to file without reading them (`formats.spans`). A kind gives the Megatron side
+    (`megatron_rows`, made when first asked for: a large model has thousands of groups); the HF
+    side is its inverse. A test holds both against the group's own conversion functions
+    (docs/reference.md section 14)."""
+
+    megatron_rows: Callable[[], dict[str, Pieces]] = field(repr=False, compare=False)
+    hf_shapes: dict[str, Shape]
+    megatron_shapes: dict[str, Shape]
+
+    @cached_property
+    def to_megatron(self) -> dict[str, Pieces]:
+        return {t: _merged(p, self.hf_shapes) for t, p in self.megatron_rows().items()}
+
+    @cached_property
+    def to_hf(self) -> dict[str, Pieces]:
+        return _inverse(self.to_megatron, self.hf_shapes, self.megatron_shapes)
+
+
 @dataclass(frozen=True)
 class Group:
     """Concrete HF and Megatron tensors (names and shapes) that convert into each other as a unit.
@@ -71,6 +98,7 @@ class Group:
     to_hf: Callable[[Tensors, ConvertOptions], dict[str, Tensor]] = field(repr=False, compare=False)
     rows: int = 0  # 0: converted only whole
     part: Callable[[int, int], Part] | None = field(default=None, repr=False, compare=False)
+    copies: Copies | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -122,8 +150,70 @@ class MappingBase:
         to_hf,
         rows: int = 0,
         part: Callable[[int, int], Part] | None = None,
+        copies: Copies | None = None,
     ) -> Group:
-        return Group(hf, megatron, split, type(self).__name__, to_megatron, to_hf, rows, part)
+        return Group(
+            hf, megatron, split, type(self).__name__, to_megatron, to_hf, rows, part, copies
+        )
+
+
+def _row_size(shape: Shape) -> int:
+    """Elements per row (along the first dimension); a scalar is one row of one."""
+    size = 1
+    for n in shape[1:]:
+        size *= n
+    return size
+
+
+def _all_rows(shape: Shape) -> Rows:
+    return (0, shape[0] if shape else 1)
+
+
+def _inverse(
+    plan: dict[str, Pieces], sources: dict[str, Shape], targets: dict[str, Shape]
+) -> dict[str, Pieces]:
+    """Each source tensor of `plan` as the rows of its targets that hold its rows, in order."""
+    held: dict[str, list[tuple[int, str, int, int]]] = {name: [] for name in sources}
+    for target, pieces in plan.items():
+        at = 0  # elements into the target
+        for name, rows in pieces:
+            start, stop = rows or _all_rows(sources[name])
+            count = (stop - start) * _row_size(sources[name])
+            held[name].append((start, target, at, at + count))
+            at += count
+    inverse = {}
+    for name, found in held.items():
+        pieces = []
+        for _start, target, begin, end in sorted(found):
+            size = _row_size(targets[target])
+            if begin % size or end % size:
+                raise ValueError(f"{name}: its rows are not whole rows of {target}")
+            pieces.append((target, (begin // size, end // size)))
+        inverse[name] = _merged(tuple(pieces), targets)
+    return inverse
+
+
+def _merged(pieces: Pieces, shapes: dict[str, Shape]) -> Pieces:
+    """Pieces with rows that follow on in one tensor joined; all of a tensor's rows: None."""
+    out: list[tuple[str, Rows]] = []
+    for name, rows in pieces:
+        rows = rows or _all_rows(shapes[name])
+        if out and out[-1][0] == name and out[-1][1][1] == rows[0]:
+            rows = (out.pop()[1][0], rows[1])
+        out.append((name, rows))
+    return tuple((n, None if r == _all_rows(shapes[n]) else r) for n, r in out)
+
+
+def _renamed(hf: str, megatron: str, shape: Shape) -> Copies:
+    return Copies(lambda: {megatron: ((hf, None),)}, {hf: shape}, {megatron: shape})
+
+
+def _glu_copies(meg: str, gate: str, up: str, shape: Shape) -> Copies:
+    """fc1 is gate_proj's rows, then up_proj's."""
+    rows, cols = shape
+    return Copies(
+        lambda: {meg: ((gate, None), (up, None))}, {gate: shape, up: shape}, {meg: (2 * rows, cols)}
+    )
 
 
 def _with_experts(index: dict[str, int], experts: int) -> Iterator[dict[str, int]]:
@@ -158,6 +248,7 @@ class Rename(MappingBase):
                     lambda ts: {meg: ts[hf]},
                     lambda ts: {hf: ts[meg]},
                 ),
+                copies=_renamed(hf, meg, self.shape),
             )
 
 
@@ -186,7 +277,23 @@ class GatedQKV(MappingBase):
             COLUMN,  # whole KV groups per rank: each group's rows are contiguous
             lambda ts, _o: {meg: _t().gated_qkv_to_megatron(ts[q], ts[k], ts[v], dims)},
             lambda ts, _o: dict(zip((q, k, v), _t().gated_qkv_to_hf(ts[meg], dims))),
+            copies=Copies(
+                lambda: {meg: _gated_qkv_rows(q, k, v, dims)}, hf, {meg: (rows, self.hidden)}
+            ),
         )
+
+
+def _gated_qkv_rows(q: str, k: str, v: str, dims: d.AttentionDims) -> Pieces:
+    """Megatron linear_qkv's rows as HF rows: per KV group, each head's query rows (the first
+    half of its q_proj rows), then each head's gate rows, then the group's key and value."""
+    r, hd = dims.group_size, dims.head_dim
+    pieces: list[tuple[str, Rows | None]] = []
+    for group in range(dims.kv_heads):
+        heads = range(group * r, (group + 1) * r)
+        pieces += [(q, (2 * h * hd, (2 * h + 1) * hd)) for h in heads]
+        pieces += [(q, ((2 * h + 1) * hd, (2 * h + 2) * hd)) for h in heads]
+        pieces += [(k, (group * hd, (group + 1) * hd)), (v, (group * hd, (group + 1) * hd))]
+    return tuple(pieces)
 
 
 @dataclass(frozen=True)
@@ -211,6 +318,11 @@ class GDNInProj(MappingBase):
             sections(*s),
             lambda ts, _o: {meg: _t().gdn_in_proj_to_megatron(*(ts[n] for n in names))},
             lambda ts, _o: dict(zip(names, _t().gdn_in_proj_to_hf(ts[meg], dims))),
+            copies=Copies(
+                lambda: {meg: tuple((n, None) for n in names)},
+                {n: (r, self.hidden) for n, r in zip(names, rows)},
+                {meg: (sum(s), self.hidden)},
+            ),
         )
 
 
@@ -232,7 +344,34 @@ class GDNInProjGrouped(MappingBase):
             sections(*s),
             lambda ts, _o: {meg: _t().gdn_grouped_in_proj_to_megatron(ts[qkvz], ts[ba], dims)},
             lambda ts, _o: dict(zip((qkvz, ba), _t().gdn_grouped_in_proj_to_hf(ts[meg], dims))),
+            copies=Copies(
+                lambda: {meg: _grouped_in_proj_rows(qkvz, ba, dims)},
+                {qkvz: (s[0] + s[1] + s[2] + s[3], self.hidden), ba: (s[4] + s[5], self.hidden)},
+                {meg: (sum(s), self.hidden)},
+            ),
         )
+
+
+def _grouped_in_proj_rows(qkvz: str, ba: str, dims: d.GDNDims) -> Pieces:
+    """Megatron in_proj's rows as HF rows: its sections q, k, v, z, beta, alpha, each the
+    section's rows of every key head in turn (HF keeps a key head's q, k, v, z together, and its
+    beta, alpha)."""
+    dk, dv, r = dims.key_head_dim, dims.value_head_dim, dims.value_heads // dims.key_heads
+    width = 2 * dk + 2 * r * dv  # qkvz rows per key head
+    heads = range(dims.key_heads)
+    starts_and_sizes = [  # (tensor, rows per head, offset in the head's rows, section size)
+        (qkvz, width, 0, dk),
+        (qkvz, width, dk, dk),
+        (qkvz, width, 2 * dk, r * dv),
+        (qkvz, width, 2 * dk + r * dv, r * dv),
+        (ba, 2 * r, 0, r),
+        (ba, 2 * r, r, r),
+    ]
+    return tuple(
+        (name, (h * per_head + offset, h * per_head + offset + size))
+        for name, per_head, offset, size in starts_and_sizes
+        for h in heads
+    )
 
 
 @dataclass(frozen=True)
@@ -252,6 +391,7 @@ class GDNConv1d(MappingBase):
             sections(*self.dims.conv_sections),
             lambda ts, _o: {meg: ts[hf]},
             lambda ts, _o: {hf: ts[meg]},
+            copies=_renamed(hf, meg, shape),
         )
 
 
@@ -301,6 +441,7 @@ class GLU(MappingBase):
                 lambda ts, _o, meg=meg, gate=gate, up=up: dict(
                     zip((gate, up), _t().glu_to_hf(ts[meg]))
                 ),
+                copies=_glu_copies(meg, gate, up, self.shape),
             )
 
 
@@ -335,6 +476,11 @@ class PackedExperts(MappingBase):
             lambda ts, _o: {hf: _t().stack_experts([ts[m] for m in megs])},
             rows=experts,
             part=part,
+            copies=Copies(
+                lambda: {m: ((hf, (e, e + 1)),) for e, m in enumerate(megs)},
+                {hf: self.shape},
+                {m: tuple(inner) for m in megs},
+            ),
         )
 
 
@@ -354,4 +500,17 @@ class VisionQKV(MappingBase):
             COLUMN,  # whole heads per rank
             lambda ts, _o: {meg: _t().vision_qkv_to_megatron(ts[hf], dims)},
             lambda ts, _o: {hf: _t().vision_qkv_to_hf(ts[meg], dims)},
+            copies=Copies(
+                lambda: {meg: _vision_qkv_rows(hf, dims)}, {hf: self.shape}, {meg: self.shape}
+            ),
         )
+
+
+def _vision_qkv_rows(hf: str, dims: d.VisionDims) -> Pieces:
+    """Megatron's per-head [q; k; v] rows as rows of HF's [Q; K; V]."""
+    hd = dims.hidden // dims.heads
+    return tuple(
+        (hf, (part * dims.hidden + h * hd, part * dims.hidden + (h + 1) * hd))
+        for h in range(dims.heads)
+        for part in range(3)
+    )

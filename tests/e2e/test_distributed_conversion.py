@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import FileSystemReader
 
+from qwen35_bridge import offline
 from qwen35_bridge.formats import torch_dist
 from qwen35_bridge.formats.safetensors.reader import CheckpointReader
 from qwen35_bridge.megatron.ranks import run_ranks
@@ -188,9 +190,14 @@ def test_a_torch_dist_conversion_does_not_import_dcp(source, tmp_path: Path) -> 
         ("megatron-to-hf", "safetensors", None),
     ],
 )
+@pytest.mark.parametrize("rows", ["copied", "read"])
 def test_parts_under_a_small_memory_budget_convert_exactly(
-    source, tmp_path: Path, direction: str, src: str, fmt: str | None
+    source, tmp_path: Path, monkeypatch, direction: str, src: str, fmt: str | None, rows: str
 ) -> None:
+    """Rows that only move are copied file to file, under any budget; read (as where the kernel
+    cannot copy), the groups larger than the budget convert in parts."""
+    if rows == "read":
+        monkeypatch.setattr(offline, "stored_outputs", lambda *_args: None)
     root, checkpoint = source
     origin = checkpoint.path if src == "hf" else root / src
     extra = ["--format", fmt] if fmt else []
@@ -252,8 +259,7 @@ def test_a_failing_worker_stops_every_worker_and_leaves_nothing(
 
 def _convert_with_a_failing_read(checkpoint: Path, destination: Path, bridges: Path) -> str:
     """One worker of a `hf_to_megatron` spread over the ranks, whose last rank's disk fails
-    (EIO) on the first tensor it reads; returns the error this worker raised."""
-    from qwen35_bridge import offline
+    (EIO) on the first tensor it reads or copies; returns the error this worker raised."""
     from qwen35_bridge.formats.record import Record
     from qwen35_bridge.formats.safetensors.reader import CheckpointReader as Reader
     from qwen35_bridge.workers import Workers
@@ -267,7 +273,11 @@ def _convert_with_a_failing_read(checkpoint: Path, destination: Path, bridges: P
         def failing(self, names):
             raise OSError(errno.EIO, "Input/output error", str(self.directory))
 
+        def failing_copy(*_args):
+            raise OSError(errno.EIO, "Input/output error")
+
         Reader.get_many = failing
+        os.copy_file_range = failing_copy
     record = Record(source.model_id, spec.fingerprint(), spec.to_dict(), type(bridge).__module__)
     try:
         offline.hf_to_megatron(

@@ -21,6 +21,7 @@ from qwen35_bridge.errors import ConversionError
 from qwen35_bridge.formats import dtypes
 from qwen35_bridge.formats.modelopt import refuse_modelopt
 from qwen35_bridge.formats.safetensors import header
+from qwen35_bridge.formats.spans import Span, StoredTensor
 from qwen35_bridge.paths import INDEX_NAME, SINGLE_FILE_NAME
 
 
@@ -150,6 +151,12 @@ class CheckpointReader:
             (stop - start) * row,
         )
         return self._map([(name, rows)])[name]
+
+    def stored(self, name: str) -> StoredTensor:
+        """Where the tensor's bytes lie, for copying them file to file unread."""
+        info = self.tensors[name]
+        span = Span(self._fds[info.file], info.offset, info.nbytes, str(self.directory / info.file))
+        return StoredTensor(info.dtype, info.shape, (span,) if info.nbytes else ())
 
     def _map(self, run: list[tuple[str, TensorInfo]]) -> dict[str, torch.Tensor]:
         first, last = run[0][1], run[-1][1]

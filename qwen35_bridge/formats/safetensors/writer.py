@@ -20,7 +20,8 @@ from typing import BinaryIO
 import torch
 
 from qwen35_bridge.errors import ConversionError
-from qwen35_bridge.formats import dtypes
+from qwen35_bridge.formats import dtypes, spans
+from qwen35_bridge.formats.spans import StoredTensor
 from qwen35_bridge.paths import INDEX_NAME
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
@@ -111,10 +112,12 @@ class StreamingWriter:
     def weight_map(self) -> dict[str, str]:
         return {t.name: self.names[i] for i, t in self._order}
 
-    def write(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+    def write(
+        self, name: str, tensor: torch.Tensor | StoredTensor, rows: tuple[int, int] | None = None
+    ) -> None:
         """The next planned tensor, whole, or its rows `[start, stop)` (a part of a group too
         large to hold whole): parts follow one another, and the tensor is done when the last
-        row is written."""
+        row is written. A `StoredTensor` is copied from the files it lies in."""
         if self._position >= len(self._order):
             raise ConversionError(f"{name}: more tensors than planned")
         shard, planned = self._order[self._position]
@@ -133,10 +136,11 @@ class StreamingWriter:
             )
         if shard != self._current:
             self._next_shard(shard)
-        data = (
-            tensor.detach().contiguous().cpu().view(torch.uint8).numpy() if tensor.numel() else b""
-        )
-        self._write(memoryview(data), name)
+        if isinstance(tensor, StoredTensor):  # copied from its file, unread
+            self._write(tensor, name)
+        else:
+            data = tensor.detach().contiguous().cpu().view(torch.uint8).numpy()
+            self._write(memoryview(data) if tensor.numel() else b"", name)
         if rows is not None and stop < planned.shape[0]:
             self._rows_written = stop
             return
@@ -144,13 +148,19 @@ class StreamingWriter:
         self.bytes_written += planned.nbytes
         self._position += 1
 
-    def _write(self, data: memoryview | bytes, name: str) -> None:
+    def _write(self, data: memoryview | bytes | StoredTensor, name: str) -> None:
         assert self._file is not None
         try:
-            self._file.write(data)
+            if isinstance(data, StoredTensor):
+                spans.append(data.spans, self._file)
+            else:
+                self._file.write(data)
         except OSError as e:
+            # a copy fails on either side: a full disk here, or a source that cannot be read
+            copied = f", copied from {data.spans[0].path}" if isinstance(data, StoredTensor) else ""
             raise ConversionError(
-                f"{self.directory / self.names[self._current]}: cannot write tensor {name} ({e.strerror or e})"
+                f"{self.directory / self.names[self._current]}: cannot write tensor {name} "
+                f"({e.strerror or e}{copied})"
             ) from None
 
     def _next_shard(self, shard: int) -> None:

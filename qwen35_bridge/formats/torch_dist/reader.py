@@ -23,6 +23,7 @@ from torch.storage import _get_dtype_from_pickle_storage_type
 from qwen35_bridge.errors import ConversionError
 from qwen35_bridge.formats.buffers import ReadBuffers
 from qwen35_bridge.formats.megatron_lm import padded_vocabulary, padding_note
+from qwen35_bridge.formats.spans import Span, StoredTensor
 from qwen35_bridge.formats.torch_dist.layout import Piece, check_coverage, layout
 
 if TYPE_CHECKING:
@@ -267,6 +268,29 @@ class _Records:
             )
         return out
 
+    def spans(self, key: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> list[Span] | None:
+        """Where the bytes of the key's region at `offset` of `shape` lie, in order: each part of
+        it a chunk holds must be one run of bytes both in the chunk and in the region (whole
+        chunks one after another, or rows of one chunk). None otherwise, or where a chunk's
+        record is one this reader does not read."""
+        stored = self._stored[key]
+        found = []
+        for offsets, (sizes, info) in stored.chunks.items():
+            if not _overlap(offsets, sizes, offset, shape):
+                continue
+            low = tuple(max(o, r) for o, r in zip(offsets, offset))
+            high = tuple(min(o + n, r + m) for o, n, r, m in zip(offsets, sizes, offset, shape))
+            in_chunk = _run_start(low, high, offsets, sizes)
+            in_region = _run_start(low, high, offset, shape)
+            start = self._start(key, info, stored.dtype, sizes)
+            if in_chunk is None or in_region is None or start is None:
+                return None
+            nbytes = math.prod(b - a for a, b in zip(low, high)) * stored.dtype.itemsize
+            at = start + in_chunk * stored.dtype.itemsize
+            path = str(self._directory / info.relative_path)
+            found.append((in_region, Span(self._fd(info.relative_path), at, nbytes, path)))
+        return [span for _start, span in sorted(found, key=lambda f: f[0])]
+
     def _start(self, key: str, info: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> int | None:
         """Where the chunk's data starts, if this reader can read the record (else None). A record
         whose storage is not of the dtype .metadata names, or too small for the chunk, is an error:
@@ -323,6 +347,23 @@ def _overlap(
     shape: tuple[int, ...],
 ) -> bool:
     return all(o < r + m and r < o + n for o, n, r, m in zip(offsets, sizes, offset, shape))
+
+
+def _run_start(
+    low: tuple[int, ...], high: tuple[int, ...], origin: tuple[int, ...], sizes: tuple[int, ...]
+) -> int | None:
+    """The element at which box `[low, high)` starts in the row-major tensor of `sizes` placed
+    at `origin`, if the box is one run of its elements there (every dimension after the last
+    partial one whole, every one before it a single index); None if it is not."""
+    extents = [b - a for a, b in zip(low, high)]
+    partial = [d for d, (n, size) in enumerate(zip(extents, sizes)) if n != size]
+    if partial and any(n != 1 for n in extents[: partial[-1]]):
+        return None
+    start, stride = 0, 1
+    for d in reversed(range(len(sizes))):
+        start += (low[d] - origin[d]) * stride
+        stride *= sizes[d]
+    return start
 
 
 def _next_along(before: tuple[slice, ...], after: tuple[slice, ...]) -> int | None:
@@ -510,6 +551,22 @@ class Reader:
             rows = (piece.rows[1] - piece.rows[0], *shape[1:])
             full[piece.rows[0] : piece.rows[1]] = chunk.reshape(rows)
         return full
+
+    def stored(self, name: str) -> StoredTensor | None:
+        """Where the parameter's bytes lie in the data files, when they lie there in order (its
+        chunks whole, one after another, or one run of one chunk), for copying them file to file
+        unread; None otherwise (it is then read with `get`)."""
+        pieces = self._pieces[name]
+        tiled = _tiling_region(pieces)
+        if tiled is None:
+            return None
+        shape = tuple(s.stop - s.start for s in tiled)
+        if math.prod(shape) != math.prod(pieces[0].param_shape):
+            return None
+        spans = self._records.spans(pieces[0].key, tuple(s.start for s in tiled), shape)
+        if spans is None:
+            return None
+        return StoredTensor(self.dtype(name), pieces[0].param_shape, tuple(spans))
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows `[start, stop)` of the parameter; of a parameter stored whole in its key, only

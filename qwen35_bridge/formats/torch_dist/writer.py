@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
+import numpy
 import torch
 
 from qwen35_bridge.errors import ConversionError
+from qwen35_bridge.formats import spans
+from qwen35_bridge.formats.spans import StoredTensor
 from qwen35_bridge.formats.torch_dist import metadata_pickle
 from qwen35_bridge.formats.torch_dist.layout import (
     COMMON_STATE_KEY,
@@ -43,8 +46,9 @@ DATA_FILE = data_file(0)
 class MegatronSource(Protocol):
     """Where the writer takes Megatron tensors from: a conversion that makes them on demand."""
 
-    def tensor(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor `name`, or its rows `[start, stop)`."""
+    def tensor(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | StoredTensor:
+        """The tensor `name`, or its rows `[start, stop)`; a `StoredTensor` where its bytes lie
+        unchanged in a source file."""
         ...
 
     def split(self, name: str) -> list[tuple[int, int]] | None:
@@ -137,12 +141,15 @@ def write(
                         if not mine(chunk.param):
                             continue
                         data = source.tensor(chunk.param, chunk.rows).reshape(chunk.shape)
-                        start = _save(data.contiguous(), stream, key, path)
+                        if isinstance(data, StoredTensor):
+                            start = _save_stored(data, stream, key, path)
+                        else:
+                            start = _save(data.contiguous(), stream, key, path)
                         records.append(
                             _Record(key, chunk.offset, index, name, start, stream.tell() - start)
                         )
                         if on_chunk:
-                            on_chunk(data.numel() * data.element_size())
+                            on_chunk(math.prod(chunk.shape) * data.dtype.itemsize)
         except OSError as e:  # a full disk, a size limit
             raise ConversionError(f"{path}: cannot write it ({e.strerror or e})") from None
     every = [r for rank_records in workers.gather(records) for r in rank_records]
@@ -173,6 +180,61 @@ def _save(chunk: torch.Tensor, stream: BinaryIO, key: str, path: Path) -> int:
             "size limit)"
         ) from None
     return start
+
+
+def _save_stored(stored: StoredTensor, stream: BinaryIO, key: str, path: Path) -> int:
+    """A chunk that lies in a source file, as the same `torch.save` record as `_save` writes, its
+    data copied file to file unread: torch.save writes a stand-in tensor of the chunk's dtype and
+    shape, never filled, and where it writes the stand-in's bytes the chunk's are copied."""
+    if stored.nbytes == 0:
+        return _save(torch.empty(stored.shape, dtype=stored.dtype), stream, key, path)
+    stand_in = torch.empty(stored.shape, dtype=stored.dtype)
+    substituting = _Substituting(stream, stand_in, stored)
+    start = stream.tell()
+    try:
+        torch.save(stand_in, substituting)
+    except RuntimeError:  # how torch's zip writer reports a failed write
+        if isinstance(substituting.failure, ConversionError):
+            raise ConversionError(f"{key}: {substituting.failure}") from None
+        raise ConversionError(
+            f"{key}: cannot write it to {path} (the write stopped short: a full disk or a file "
+            "size limit)"
+        ) from None
+    if not substituting.copied:  # never the case with torch's writer: its layout changed
+        raise ConversionError(f"{key}: torch.save did not write its data as one piece")
+    return start
+
+
+class _Substituting:
+    """A file for torch.save that writes everything as given, except the stand-in tensor's
+    bytes (recognised by their address and size): those it copies from where the chunk lies.
+    Any other write touching the stand-in's memory is refused, so that its unfilled bytes can
+    never reach the file."""
+
+    def __init__(self, file: BinaryIO, stand_in: torch.Tensor, stored: StoredTensor) -> None:
+        self._file, self._stored = file, stored
+        self._address, self._nbytes = stand_in.data_ptr(), stored.nbytes
+        self.copied = False
+        self.failure: BaseException | None = None  # torch.save reports it as a RuntimeError
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data)
+        address = numpy.frombuffer(view, dtype=numpy.uint8).ctypes.data if view.nbytes else 0
+        try:
+            if (address, view.nbytes) == (self._address, self._nbytes) and not self.copied:
+                spans.append(self._stored.spans, self._file)
+                self.copied = True
+            elif address < self._address + self._nbytes and self._address < address + view.nbytes:
+                raise ConversionError("torch.save wrote a chunk's data in pieces")
+            else:
+                self._file.write(view)
+        except BaseException as e:
+            self.failure = e
+            raise
+        return view.nbytes
+
+    def flush(self) -> None:
+        self._file.flush()
 
 
 def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
