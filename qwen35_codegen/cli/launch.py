@@ -15,6 +15,8 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from multiprocessing.connection import wait
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
 #: How long the others may take to finish after one worker exits with an error before they are
@@ -55,15 +57,26 @@ def run_workers(argv: Sequence[str], count: int, destination: Path) -> int:
     context = multiprocessing.get_context("fork" if fork else "spawn")
     port = _free_port()
     started = time.time()
+    store_up = context.Event()
     workers = [
-        context.Process(target=_worker, args=(list(argv), rank, count, port), daemon=False)
+        context.Process(
+            target=_worker, args=(list(argv), rank, count, port, store_up), daemon=False
+        )
         for rank in range(count)
     ]
     for worker in workers:
         worker.start()
     # The rendezvous store lives here, as torchrun's agent hosts it, so that no worker's exit
     # can take it from the others while they leave their group (workers connect as clients).
-    store = TCPStore("127.0.0.1", port, count, is_master=True, wait_for_workers=False)
+    # The workers wait for it: one that finds no store yet retries after a back-off of about
+    # half a second (measured), against 10 ms to join a group whose store is up.
+    try:
+        store = TCPStore("127.0.0.1", port, count, is_master=True, wait_for_workers=False)
+    except BaseException:  # the port was taken meanwhile: no worker may wait for it forever
+        for worker in workers:
+            worker.kill()
+        raise
+    store_up.set()
     failed_at = None
     try:
         while any(w.is_alive() for w in workers):
@@ -74,7 +87,7 @@ def run_workers(argv: Sequence[str], count: int, destination: Path) -> int:
                     if worker.is_alive():
                         worker.kill()
                 _remove_staging(Path(destination), since=started)
-            time.sleep(0.1)
+            wait([w.sentinel for w in workers if w.is_alive()], timeout=1.0)  # until one exits
     except KeyboardInterrupt:  # the workers got the interrupt too, and unwind themselves
         for worker in workers:
             worker.join()
@@ -94,7 +107,8 @@ def run_workers(argv: Sequence[str], count: int, destination: Path) -> int:
     return next((c for c in codes if c), 0)
 
 
-def _worker(argv: list[str], rank: int, count: int, port: int) -> None:
+def _worker(argv: list[str], rank: int, count: int, port: int, store_up: Event) -> None:
+    store_up.wait()
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
