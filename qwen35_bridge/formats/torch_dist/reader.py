@@ -6,6 +6,7 @@ record and read into place; DCP's own reader serves any record this one does not
 
 from __future__ import annotations
 
+import bisect
 import io
 import math
 import mmap
@@ -169,8 +170,8 @@ def _check_chunks(key: str, stored: _Stored, directory: Path) -> None:
     """The key's chunks tile its tensor exactly (inside it, not overlapping, covering it), each
     with data in the checkpoint: nothing is left as whatever memory held before."""
     total = 0
-    boxes = []
-    for offsets, (sizes, info) in stored.chunks.items():
+    boxes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # those reaching the next chunk
+    for offsets, (sizes, info) in sorted(stored.chunks.items()):
         if len(offsets) != len(stored.size) or len(sizes) != len(stored.size):
             raise ConversionError(f"{key}: a chunk of the wrong rank in {directory}/.metadata")
         if any(o < 0 or n < 0 or o + n > d for o, n, d in zip(offsets, sizes, stored.size)):
@@ -182,6 +183,8 @@ def _check_chunks(key: str, stored: _Stored, directory: Path) -> None:
             raise ConversionError(
                 f"{key}: chunk at {list(offsets)} has no data in the torch_dist checkpoint at {directory}"
             )
+        if offsets:  # in order of the first offset, a chunk ending before this one is past
+            boxes = [(o, n) for o, n in boxes if o[0] + n[0] > offsets[0]]
         for other_offsets, other_sizes in boxes:
             if all(
                 a < b + m and b < a + n
@@ -209,6 +212,7 @@ class _Records:
         self._stored = stored
         self._fds: dict[str, int] = {}
         self._buffers = ReadBuffers()
+        self._sorted: dict[str, tuple[list[int], list[tuple[tuple[int, ...], Any]], int]] = {}
 
     def _fd(self, relative: str) -> int:
         if relative not in self._fds:
@@ -227,14 +231,8 @@ class _Records:
         and only those: mapped when it is exactly one chunk; else those chunks read into place.
         None if a chunk's record is one this reader does not read (DCP's reader then serves)."""
         stored = self._stored[key]
-        exact = stored.chunks.get(tuple(offset))
-        candidates = (
-            {tuple(offset): exact}
-            if exact is not None and exact[0] == tuple(shape)
-            else stored.chunks
-        )
         places = []
-        for offsets, (sizes, info) in candidates.items():
+        for offsets, (sizes, info) in self._near(key, offset, shape):
             if not _overlap(offsets, sizes, offset, shape):
                 continue
             start = self._start(key, info, stored.dtype, sizes)
@@ -268,6 +266,23 @@ class _Records:
             )
         return out
 
+    def _near(
+        self, key: str, offset: tuple[int, ...], shape: tuple[int, ...]
+    ) -> list[tuple[tuple[int, ...], Any]]:
+        """The key's chunks that may overlap the region: those starting, along the first
+        dimension, within the longest chunk's reach of it (found by bisection in the chunks
+        sorted once per key: a layer's experts are a thousand chunks of one key)."""
+        if key not in self._sorted:
+            chunks = sorted(self._stored[key].chunks.items())
+            starts = [offsets[0] if offsets else 0 for offsets, _ in chunks]
+            reach = max((sizes[0] for _, (sizes, _) in chunks if sizes), default=1)
+            self._sorted[key] = (starts, chunks, reach)
+        starts, chunks, reach = self._sorted[key]
+        if not offset:
+            return chunks
+        low = bisect.bisect_left(starts, offset[0] - reach + 1)
+        return chunks[low : bisect.bisect_left(starts, offset[0] + shape[0])]
+
     def spans(self, key: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> list[Span] | None:
         """Where the bytes of the key's region at `offset` of `shape` lie, in order: each part of
         it a chunk holds must be one run of bytes both in the chunk and in the region (whole
@@ -275,7 +290,7 @@ class _Records:
         record is one this reader does not read."""
         stored = self._stored[key]
         found = []
-        for offsets, (sizes, info) in stored.chunks.items():
+        for offsets, (sizes, info) in self._near(key, offset, shape):
             if not _overlap(offsets, sizes, offset, shape):
                 continue
             low = tuple(max(o, r) for o, r in zip(offsets, offset))
