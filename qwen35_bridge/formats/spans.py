@@ -67,15 +67,6 @@ class StoredTensor:
             raise ValueError(f"cannot reshape {list(self.shape)} to {list(dims)}")
         return StoredTensor(self.dtype, dims, self.spans)  # type: ignore[arg-type]
 
-    def load(self) -> torch.Tensor:
-        """The tensor, read into memory."""
-        out = torch.empty(self.shape, dtype=self.dtype)
-        view, at = memoryview(out.reshape(-1).view(torch.uint8).numpy()), 0
-        for span in self.spans:
-            _read_exactly(span, 0, view[at : at + span.nbytes])
-            at += span.nbytes
-        return out
-
 
 def join(parts: Sequence[StoredTensor], shape: tuple[int, ...]) -> StoredTensor:
     """The tensor of `shape` whose bytes are those of `parts`, one after another (a

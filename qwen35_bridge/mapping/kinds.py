@@ -10,6 +10,7 @@ sharded and checked the same way.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -157,14 +158,6 @@ class MappingBase:
         )
 
 
-def _row_size(shape: Shape) -> int:
-    """Elements per row (along the first dimension); a scalar is one row of one."""
-    size = 1
-    for n in shape[1:]:
-        size *= n
-    return size
-
-
 def _all_rows(shape: Shape) -> Rows:
     return (0, shape[0] if shape else 1)
 
@@ -178,14 +171,14 @@ def _inverse(
         at = 0  # elements into the target
         for name, rows in pieces:
             start, stop = rows or _all_rows(sources[name])
-            count = (stop - start) * _row_size(sources[name])
+            count = (stop - start) * math.prod(sources[name][1:])
             held[name].append((start, target, at, at + count))
             at += count
     inverse = {}
     for name, found in held.items():
         pieces = []
         for _start, target, begin, end in sorted(found):
-            size = _row_size(targets[target])
+            size = math.prod(targets[target][1:])
             if begin % size or end % size:
                 raise ValueError(f"{name}: its rows are not whole rows of {target}")
             pieces.append((target, (begin // size, end // size)))

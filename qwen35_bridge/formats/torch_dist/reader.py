@@ -571,17 +571,14 @@ class Reader:
         """Where the parameter's bytes lie in the data files, when they lie there in order (its
         chunks whole, one after another, or one run of one chunk), for copying them file to file
         unread; None otherwise (it is then read with `get`)."""
-        pieces = self._pieces[name]
-        tiled = _tiling_region(pieces)
-        if tiled is None:
+        region = self._whole_region(name)
+        if region is None:
             return None
-        shape = tuple(s.stop - s.start for s in tiled)
-        if math.prod(shape) != math.prod(pieces[0].param_shape):
-            return None
-        spans = self._records.spans(pieces[0].key, tuple(s.start for s in tiled), shape)
+        offset, shape = tuple(s.start for s in region), tuple(s.stop - s.start for s in region)
+        spans = self._records.spans(self._pieces[name][0].key, offset, shape)
         if spans is None:
             return None
-        return StoredTensor(self.dtype(name), pieces[0].param_shape, tuple(spans))
+        return StoredTensor(self.dtype(name), self.shape(name), tuple(spans))
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows `[start, stop)` of the parameter; of a parameter stored whole in its key, only
