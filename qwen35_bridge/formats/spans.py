@@ -2,11 +2,12 @@
 
 Converting a checkpoint moves rows and nothing else, but for the GDN output norm: an expert of a
 packed tensor, an embedding, the halves of a GLU's fc1, the heads of a QKV in their new order.
-Such a tensor need not pass through user memory: its bytes lie in source files, and
-`os.copy_file_range` copies them into the destination inside the kernel (one copy, no page
-faults, no reading into a buffer). Measured on these machines, 2 GB took 0.5-0.7 s
-that way, against 1.1-6 s read into memory and written back. Where the kernel cannot copy between
-the two files (another filesystem, an old kernel), the bytes are read and written in pieces.
+Such a tensor need not be held as a tensor: its bytes lie in source files. An output file written
+with O_DIRECT (formats/direct.py, the default) reads them straight into its buffer; into a file
+written through the page cache, `os.copy_file_range` copies them inside the kernel (one copy, no
+page faults; measured on these machines, 2 GB took 0.5-0.7 s that way, against 1.1-6 s read into
+memory and written back). Where the kernel cannot copy between the two files (another
+filesystem, an old kernel), the bytes are read and written in pieces.
 Which tensors, and how a torch_dist record is written this way: docs/reference.md section 14.
 """
 
@@ -101,6 +102,10 @@ def append(spans: Sequence[Span], file: BinaryIO) -> None:
     and the kernel can copy into it, else read and written in pieces. Errors writing (a full
     disk, a size limit) are raised as OSError; a span past the end of its file is a
     ConversionError."""
+    append_spans = getattr(file, "append_spans", None)
+    if append_spans is not None:  # a file that takes them itself (formats.direct)
+        append_spans(spans)
+        return
     fileno = _fileno(file)
     if fileno is None:
         for span in spans:
@@ -147,12 +152,12 @@ def _copy_through_memory(span: Span, done: int, file: BinaryIO) -> None:
     buffer = bytearray(min(_PIECE, span.nbytes - done))
     while done < span.nbytes:
         view = memoryview(buffer)[: min(len(buffer), span.nbytes - done)]
-        _read_exactly(span, done, view)
+        read_exactly(span, done, view)
         file.write(view)
         done += len(view)
 
 
-def _read_exactly(span: Span, skip: int, view: memoryview) -> None:
+def read_exactly(span: Span, skip: int, view: memoryview) -> None:
     """Bytes `[skip, skip + len(view))` of the span into `view`."""
     got = 0
     while got < len(view):

@@ -208,8 +208,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace, workers) -> int:  # workers: qwen35_bridge.workers.Workers
-    with _settled_heap() as conversion:
+    with _settled_heap() as conversion, _output_files(page_cache=args.page_cache):
         return _convert_with(conversion, args, workers)
+
+
+@contextmanager
+def _output_files(*, page_cache: bool) -> Iterator[None]:
+    """Output files written through the page cache for the block if asked, else with O_DIRECT
+    where the filesystem allows it (qwen35_bridge.formats.direct says why)."""
+    from qwen35_bridge.formats import direct
+
+    previous, direct.enabled = direct.enabled, not page_cache
+    try:
+        yield
+    finally:
+        direct.enabled = previous
 
 
 @contextmanager
@@ -427,6 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="print what the conversion would write (bytes in all and per worker, the most held "
         "in memory, the files) and write nothing; SRC may be a config alone (a generate REF, or "
         "for megatron-to-hf --hf-config)",
+    )
+    p.add_argument(
+        "--page-cache",
+        action="store_true",
+        help="write the output through the page cache (by default tensor data goes to the disk "
+        "with O_DIRECT where the filesystem takes it: faster where memory is slow to come by, and "
+        "it leaves the page cache to the source); for an output read again at once",
     )
     p.add_argument("--force", action="store_true", help="replace an existing destination")
     p.add_argument("--quiet", action="store_true", help="no progress or messages")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -219,7 +220,11 @@ def test_full_disk_leaves_nothing(source, tmp_path):
 
 @pytest.mark.parametrize(
     ("output_format", "message"),
-    [("safetensors", "cannot write tensor"), ("torch_dist", "the write stopped short")],
+    # a direct file (formats/direct.py) meets the limit where it writes its buffer: at the end
+    [
+        ("safetensors", r"cannot (write tensor .*|finish writing )\(File too large\)"),
+        ("torch_dist", r"cannot write it( \(File too large\)|.*the write stopped short)"),
+    ],
 )
 def test_file_size_limit_in_a_real_process(source, tmp_path, output_format, message):
     """The real command under RLIMIT_FSIZE: writes fail with EFBIG, as on a full disk."""
@@ -252,7 +257,7 @@ def test_file_size_limit_in_a_real_process(source, tmp_path, output_format, mess
     )
     assert result.returncode == 2, result.stderr
     error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith("codegen convert: error: ") and message in error, result.stderr
+    assert error.startswith("codegen convert: error: ") and re.search(message, error), error
     assert not destination.exists() and not list(tmp_path.glob(".out.partial*"))
 
 

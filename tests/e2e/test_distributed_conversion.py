@@ -273,11 +273,12 @@ def _convert_with_a_failing_read(checkpoint: Path, destination: Path, bridges: P
         def failing(self, names):
             raise OSError(errno.EIO, "Input/output error", str(self.directory))
 
-        def failing_copy(*_args):
+        def failing_io(*_args):
             raise OSError(errno.EIO, "Input/output error")
 
         Reader.get_many = failing
-        os.copy_file_range = failing_copy
+        os.copy_file_range = failing_io  # rows copied into a file through the page cache
+        os.preadv = failing_io  # rows read into a direct file's buffer
     record = Record(source.model_id, spec.fingerprint(), spec.to_dict(), type(bridge).__module__)
     try:
         offline.hf_to_megatron(

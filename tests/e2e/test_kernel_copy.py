@@ -1,7 +1,7 @@
 """Tensors a conversion passes on unchanged are copied file to file (formats/spans.py): the byte
 plans of the mapping kinds give what their conversion functions give, and a conversion that
-copies in the kernel, or through memory where the kernel cannot, writes exactly the files one
-that reads every tensor writes."""
+copies them into direct files' buffers, in the kernel (`--page-cache`), or through memory where
+the kernel cannot, writes exactly the files one that reads every tensor writes."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from qwen35_bridge import offline
 from qwen35_bridge.errors import ConversionError
-from qwen35_bridge.formats import spans
+from qwen35_bridge.formats import direct, spans
 from qwen35_bridge.formats.spans import Span, StoredTensor
 from qwen35_bridge.formats.torch_dist.reader import _run_start
 from qwen35_bridge.mapping.kinds import ConvertOptions
@@ -93,11 +93,16 @@ def _folder_bytes(folder: Path) -> dict[str, object]:
     return out
 
 
-def _round_trip(source: Path, bridges: Path, work: Path, fmt: str) -> dict[str, object]:
+def _round_trip(
+    source: Path, bridges: Path, work: Path, fmt: str, *options: str
+) -> dict[str, object]:
     """hf-to-megatron in `fmt` and back, into the same folders every time (the torch_dist
     metadata names its folder); the bytes of both outputs."""
     megatron, back = work / "megatron", work / "back"
-    common = ["--bridge-dir", str(bridges), "--quiet", "--max-shard-size", "200KB", "--force"]
+    common = [
+        *("--bridge-dir", str(bridges), "--quiet", "--max-shard-size", "200KB", "--force"),
+        *options,
+    ]
     assert (
         main(["convert", "hf-to-megatron", str(source), str(megatron), "--format", fmt, *common])
         == 0
@@ -108,16 +113,24 @@ def _round_trip(source: Path, bridges: Path, work: Path, fmt: str) -> dict[str, 
 
 
 class _Copies:
-    """Counts the bytes os.copy_file_range copies."""
+    """Counts the bytes copied from source files: by os.copy_file_range into a file written
+    through the page cache, and read into a direct file's buffer."""
 
-    def __init__(self) -> None:
-        self.nbytes = 0
-        self._real = os.copy_file_range
+    def __init__(self, patch) -> None:
+        self.in_kernel = self.into_buffers = 0
+        copy_file_range, read_exactly = os.copy_file_range, direct.read_exactly
 
-    def __call__(self, *args, **kwargs) -> int:
-        count = self._real(*args, **kwargs)
-        self.nbytes += count
-        return count
+        def copying(*args, **kwargs) -> int:
+            count = copy_file_range(*args, **kwargs)
+            self.in_kernel += count
+            return count
+
+        def reading(span, skip, view) -> None:
+            read_exactly(span, skip, view)
+            self.into_buffers += len(view)
+
+        patch.setattr(os, "copy_file_range", copying)
+        patch.setattr(direct, "read_exactly", reading)
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "torch_dist"])
@@ -125,12 +138,11 @@ def test_copying_file_to_file_writes_what_reading_every_tensor_writes(
     variant, tmp_path: Path, monkeypatch, fmt: str
 ) -> None:
     source, bridges = variant
-    copies = _Copies()
     with monkeypatch.context() as patch:
-        patch.setattr(os, "copy_file_range", copies)
+        copies = _Copies(patch)
         copied = _round_trip(source, bridges, tmp_path, fmt)
     source_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
-    assert copies.nbytes > source_bytes  # most of it, both ways
+    assert copies.into_buffers > source_bytes and copies.in_kernel == 0  # most of it, both ways
     with monkeypatch.context() as patch:
         patch.setattr(offline, "stored_outputs", lambda *_args: None)
         read = _round_trip(source, bridges, tmp_path, fmt)
@@ -141,18 +153,31 @@ def test_copying_file_to_file_writes_what_reading_every_tensor_writes(
     assert all(torch.equal(back[k], original[k]) for k in original)
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "torch_dist"])
+def test_files_written_through_the_page_cache_are_the_same(variant, tmp_path, monkeypatch, fmt):
+    """With `--page-cache`, rows are copied by the kernel into page-cache files: the same files."""
+    expected = _round_trip(*variant, tmp_path, fmt)
+    with monkeypatch.context() as patch:
+        copies = _Copies(patch)
+        assert _round_trip(*variant, tmp_path, fmt, "--page-cache") == expected
+    source_bytes = sum(p.stat().st_size for p in variant[0].glob("*.safetensors"))
+    assert copies.in_kernel > source_bytes and copies.into_buffers == 0
+    assert direct.enabled  # as it was before the command
+
+
 def test_where_the_kernel_cannot_copy_the_bytes_go_through_memory(
     variant, tmp_path: Path, monkeypatch
 ) -> None:
     source, bridges = variant
-    expected = _round_trip(source, bridges, tmp_path, "torch_dist")
+    page_cache = "--page-cache"  # what copy_file_range copies into
+    expected = _round_trip(source, bridges, tmp_path, "torch_dist", page_cache)
 
     def cannot(*_args, **_kwargs):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "copy_file_range", cannot)
     monkeypatch.setattr(spans, "_kernel_copies", True)
-    assert _round_trip(source, bridges, tmp_path, "torch_dist") == expected
+    assert _round_trip(source, bridges, tmp_path, "torch_dist", page_cache) == expected
     assert spans._kernel_copies is False
 
 

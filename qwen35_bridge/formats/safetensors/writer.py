@@ -20,7 +20,7 @@ from typing import BinaryIO
 import torch
 
 from qwen35_bridge.errors import ConversionError
-from qwen35_bridge.formats import dtypes, spans
+from qwen35_bridge.formats import direct, dtypes, spans
 from qwen35_bridge.formats.spans import StoredTensor
 from qwen35_bridge.paths import INDEX_NAME
 
@@ -98,9 +98,7 @@ class StreamingWriter:
         self.names = names if names is not None else shard_file_names(len(shards))
         self._shards = shards
         self._metadata = {"format": "pt", **(metadata or {})}
-        self._open = opener or (
-            lambda path: open(path, "wb")
-        )  # noqa: SIM115 - closed in _next_shard / close
+        self._open = opener or direct.open_output
         self._order = [(i, t) for i, shard in enumerate(shards) for t in shard]
         self._position = 0
         self._rows_written = 0  # of the planned tensor at `_position`, written in parts
@@ -174,16 +172,18 @@ class StreamingWriter:
         self._write(_header(self._shards[shard], self._metadata), "(header)")
 
     def _close_file(self) -> None:
-        if self._file is not None:
+        if self._file is None:
+            return
+        file, self._file = self._file, None
+        try:
             try:
-                self._file.flush()
-            except OSError as e:
-                raise ConversionError(
-                    f"{self.directory / self.names[self._current]}: cannot finish writing ({e.strerror or e})"
-                ) from None
+                file.flush()
             finally:
-                self._file.close()
-                self._file = None
+                file.close()  # a direct file writes its last blocks here
+        except OSError as e:
+            raise ConversionError(
+                f"{self.directory / self.names[self._current]}: cannot finish writing ({e.strerror or e})"
+            ) from None
 
     def close(self) -> None:
         """Finish the last shard; every planned tensor must have been written."""
@@ -194,7 +194,7 @@ class StreamingWriter:
 
     def abort(self) -> None:
         if self._file is not None:
-            self._file.close()
+            getattr(self._file, "abort", self._file.close)()  # a direct file: unfinished
             self._file = None
 
 

@@ -18,7 +18,7 @@ import numpy
 import torch
 
 from qwen35_bridge.errors import ConversionError
-from qwen35_bridge.formats import spans
+from qwen35_bridge.formats import direct, spans
 from qwen35_bridge.formats.spans import StoredTensor
 from qwen35_bridge.formats.torch_dist import metadata_pickle
 from qwen35_bridge.formats.torch_dist.layout import (
@@ -132,7 +132,7 @@ def write(
     path = Path(destination) / name
     with workers.step():
         try:
-            with without_zip_crc32(), path.open("wb") as stream:
+            with without_zip_crc32(), direct.open_output(path) as stream:
                 for key, payload in objects.items():
                     records.append(_Record(key, None, None, name, stream.tell(), len(payload)))
                     stream.write(payload)
