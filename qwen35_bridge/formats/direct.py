@@ -18,7 +18,7 @@ import errno
 import fcntl
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -65,27 +65,29 @@ class DirectFile:
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
-        done = 0
-        while done < len(view):
-            count = min(len(view) - done, BUFFER_BYTES - self._filled)
-            self._view[self._filled : self._filled + count] = view[done : done + count]
-            self._filled += count
-            done += count
-            if self._filled == BUFFER_BYTES:
-                self._drain()
-        return done
+
+        def copy(into: memoryview, at: int) -> None:
+            into[:] = view[at : at + len(into)]
+
+        self._fill(len(view), copy)
+        return len(view)
 
     def append_spans(self, spans: Sequence[Span]) -> None:
         """The spans' bytes, read from their files into the buffer (one copy, no other memory)."""
         for span in spans:
-            done = 0
-            while done < span.nbytes:
-                count = min(span.nbytes - done, BUFFER_BYTES - self._filled)
-                read_exactly(span, done, self._view[self._filled : self._filled + count])
-                self._filled += count
-                done += count
-                if self._filled == BUFFER_BYTES:
-                    self._drain()
+            self._fill(span.nbytes, lambda into, at, span=span: read_exactly(span, at, into))
+
+    def _fill(self, nbytes: int, fill: Callable[[memoryview, int], None]) -> None:
+        """`nbytes` more bytes in the buffer, `fill(into, at)` putting bytes `[at, at +
+        len(into))` of them into each free stretch of it; every full buffer is written."""
+        done = 0
+        while done < nbytes:
+            count = min(nbytes - done, BUFFER_BYTES - self._filled)
+            fill(self._view[self._filled : self._filled + count], done)
+            self._filled += count
+            done += count
+            if self._filled == BUFFER_BYTES:
+                self._drain()
 
     def tell(self) -> int:
         return self._written + self._filled
