@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
 from pathlib import Path
 
@@ -77,17 +78,8 @@ def run_workers(argv: Sequence[str], count: int, destination: Path) -> int:
             worker.kill()
         raise
     store_up.set()
-    failed_at = None
     try:
-        while any(w.is_alive() for w in workers):
-            if failed_at is None and any(w.exitcode not in (None, 0) for w in workers):
-                failed_at = time.time()
-            if failed_at is not None and time.time() - failed_at > GRACE_S:
-                for worker in workers:
-                    if worker.is_alive():
-                        worker.kill()
-                _remove_staging(Path(destination), since=started)
-            wait([w.sentinel for w in workers if w.is_alive()], timeout=1.0)  # until one exits
+        _supervise(workers, Path(destination), started)
     except KeyboardInterrupt:  # the workers got the interrupt too, and unwind themselves
         for worker in workers:
             worker.join()
@@ -105,6 +97,23 @@ def run_workers(argv: Sequence[str], count: int, destination: Path) -> int:
     if codes[0]:
         return codes[0]
     return next((c for c in codes if c), 0)
+
+
+def _supervise(workers: list[BaseProcess], destination: Path, started: float) -> None:
+    """Wait until every worker has exited; once one has failed, give the others `GRACE_S` to
+    stop by themselves, then kill them and remove the staging folder."""
+    failed_at = None
+    # The workers still running are listed once per turn and waited on: listing them again for
+    # the wait could find none (both exited in between), and a wait on nothing sleeps its whole
+    # timeout (it cost a second of a two-worker conversion, now and then).
+    while running := [w for w in workers if w.is_alive()]:
+        if failed_at is None and any(w.exitcode not in (None, 0) for w in workers):
+            failed_at = time.time()
+        if failed_at is not None and time.time() - failed_at > GRACE_S:
+            for worker in running:
+                worker.kill()
+            _remove_staging(destination, since=started)
+        wait([w.sentinel for w in running], timeout=1.0)  # until one exits
 
 
 def _worker(argv: list[str], rank: int, count: int, port: int, store_up: Event) -> None:
