@@ -239,7 +239,7 @@ def convert_directory(
 ) -> Report:
     """Stream every group from `reader` through `to_target` into safetensors shards + index.
 
-    With several workers, each converts its share of the groups (contiguous, by bytes) into its
+    With several workers, each converts its share of the groups (balanced by bytes) into its
     own shards; every worker plans every share, so the shards are numbered alike everywhere, and
     the first writes the index once all have written their shards."""
     planned = [plan([g], reader, source_side, target_side) for g in groups]

@@ -1,7 +1,7 @@
 """The processes one on-disk conversion is spread over (torchrun ranks, on one node or many).
 
 Every worker plans the whole conversion from the source's metadata, so all agree on it without
-sending it; each converts its share of the groups (contiguous, by bytes) and writes its own files
+sending it; each converts its share of the groups (balanced by bytes) and writes its own files
 into one staging folder on a shared filesystem; the first worker writes what needs everyone's
 results (an index, torch_dist's metadata) and puts the folder in place. Steps end with every
 worker's outcome exchanged (`step`): when one fails, all stop with its message, and nothing is
@@ -11,6 +11,7 @@ left behind. With one worker every exchange is a no-op, so the code is the same.
 from __future__ import annotations
 
 import datetime
+import heapq
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -71,24 +72,25 @@ class Workers:
             rank, message = failed[0]
             raise ConversionError(f"worker {rank} of {self.size} failed: {message}")
 
-    def share(self, sizes: Sequence[int]) -> range:
-        """This worker's items of `sizes` (bytes per item, in order): a contiguous run, the runs
-        cut where the running total passes each worker's equal share."""
+    def share(self, sizes: Sequence[int]) -> list[int]:
+        """This worker's items of `sizes` (bytes per item), in order (see `shares`)."""
         return shares(sizes, self.size)[self.rank]
 
 
-def shares(sizes: Sequence[int], workers: int) -> list[range]:
-    """`workers` contiguous runs of `sizes`, cut where the running total passes k/`workers` of
-    the whole (so a worker's bytes are its equal share within one item's size)."""
-    total = sum(sizes)
-    bounds, running, item = [0], 0, 0
-    for k in range(1, workers):
-        while item < len(sizes) and running + sizes[item] / 2 <= total * k / workers:
-            running += sizes[item]
-            item += 1
-        bounds.append(item)
-    bounds.append(len(sizes))
-    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+def shares(sizes: Sequence[int], workers: int) -> list[list[int]]:
+    """Each worker's items of `sizes` (bytes per item), in their order. The items are dealt
+    largest first, each to the worker with the fewest bytes so far (ties to the lower rank), so
+    no share exceeds another by more than the last item it was dealt: a small one wherever small
+    items remain after the large ones. Runs cut from the items in order were uneven by up to half
+    the largest item: two workers of an MoE checkpoint with five 436 MB expert groups got 47% and
+    53% of its bytes."""
+    loads = [(0, rank) for rank in range(workers)]
+    owned: list[list[int]] = [[] for _ in range(workers)]
+    for item in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        load, rank = heapq.heappop(loads)
+        owned[rank].append(item)
+        heapq.heappush(loads, (load + sizes[item], rank))
+    return [sorted(items) for items in owned]
 
 
 def _describe(error: BaseException) -> str:

@@ -1,5 +1,5 @@
 """Groups converted in parts give exactly what the whole group gives; parts respect the memory
-budget; the workers' shares of the groups are contiguous and balanced; a tensor written in parts
+budget; the workers' shares of the groups are balanced and in order; a tensor written in parts
 must arrive in order."""
 
 from __future__ import annotations
@@ -93,17 +93,26 @@ def test_a_group_that_cannot_be_split_is_converted_whole() -> None:
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3, 5])
-def test_shares_are_contiguous_and_balanced(workers: int) -> None:
+def test_shares_hold_every_item_once_in_order_and_balanced(workers: int) -> None:
     sizes = [5, 1, 1, 9, 2, 2, 2, 30, 1, 4, 4, 4]
     runs = shares(sizes, workers)
     assert len(runs) == workers
-    assert [i for run in runs for i in run] == list(range(len(sizes)))
-    total = sum(sizes)
-    for k, run in enumerate(runs):
-        got = sum(sizes[i] for i in run)
-        largest = max([sizes[i] for i in run] + [0])
-        # each share is its equal part within one item on either side
-        assert abs(got - total / workers) <= max(sizes) + largest, (k, got)
+    assert sorted(i for run in runs for i in run) == list(range(len(sizes)))
+    assert all(run == sorted(run) for run in runs)
+    loads = [sum(sizes[i] for i in run) for run in runs]
+    # no share exceeds another by more than one item
+    assert max(loads) - min(loads) <= max(sizes), loads
+
+
+def test_large_groups_between_small_ones_are_shared_evenly() -> None:
+    # An MoE checkpoint's groups in table order: embedding, then per layer attention, norms and
+    # a large packed expert group, then the output layer. Cut in order, two workers got 1180 and
+    # 1558 MB; dealt largest first, they differ by less than the largest small group.
+    small, experts = [30, 2, 8, 2, 16], 436
+    sizes = [134] + [s for _ in range(5) for s in [*small, experts]] + [134]
+    loads = sorted(sum(sizes[i] for i in run) for run in shares(sizes, 2))
+    assert loads[1] - loads[0] <= 30, loads
+    assert shares(sizes, 1) == [list(range(len(sizes)))]
 
 
 def test_a_tensor_written_in_parts_must_come_in_order(tmp_path: Path) -> None:
