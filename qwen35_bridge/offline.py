@@ -799,7 +799,7 @@ def _write_torch_dist(
     side = "megatron" if megatron_source else "hf"
     planned = [plan([g], reader, side, "megatron") for g in bridge.groups]
     dtypes = {p.name: p.dtype for ps in planned for p in ps}
-    run = shares([sum(p.nbytes for p in ps) for ps in planned], workers.size)[workers.rank]
+    run = workers.share([sum(p.nbytes for p in ps) for ps in planned])
     mine = {p.name for i in run for p in planned[i]}
     source = ConvertedTensors(
         bridge.groups, reader, options, budget, megatron_source=megatron_source

@@ -107,7 +107,7 @@ def test_shares_hold_every_item_once_in_order_and_balanced(workers: int) -> None
 def test_large_groups_between_small_ones_are_shared_evenly() -> None:
     # An MoE checkpoint's groups in table order: embedding, then per layer attention, norms and
     # a large packed expert group, then the output layer. Cut in order, two workers got 1180 and
-    # 1558 MB; dealt largest first, they differ by less than the largest small group.
+    # 1558 MB; dealt largest first, they differ by at most the largest small group.
     small, experts = [30, 2, 8, 2, 16], 436
     sizes = [134] + [s for _ in range(5) for s in [*small, experts]] + [134]
     loads = sorted(sum(sizes[i] for i in run) for run in shares(sizes, 2))
