@@ -121,3 +121,38 @@ def test_a_truncated_source_fails_with_its_own_error(tmp_path: Path) -> None:
         spans.append([Span(fd, 50, 100, "source.bin")], out)
     os.close(fd)
     assert raised.type.__name__ == "ConversionError"  # not an error closing the buffer
+
+
+def test_a_full_buffer_is_written_while_the_next_is_filled(
+    tmp_path: Path, small_buffer: int, monkeypatch
+) -> None:
+    import threading
+
+    real_pwrite, started, release = os.pwrite, threading.Event(), threading.Event()
+
+    def slow(fd, data, offset):
+        started.set()
+        assert release.wait(timeout=30), "the write was never let go on"
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", slow)
+    path = tmp_path / "out.bin"
+    with direct.open_output(path) as out:
+        out.write(b"a" * small_buffer)  # hands the first buffer over and returns at once
+        assert started.wait(timeout=30)
+        out.write(b"b" * (small_buffer - 1))  # fills the other buffer while the first is written
+        assert not release.is_set()
+        release.set()
+    assert path.read_bytes() == b"a" * small_buffer + b"b" * (small_buffer - 1)
+
+
+def test_a_failed_write_is_raised_by_the_next_hand_over(
+    tmp_path: Path, small_buffer: int, monkeypatch
+) -> None:
+    monkeypatch.setattr(os, "pwrite", lambda *_args: 0)
+    out = direct.open_output(tmp_path / "out.bin")
+    out.write(b"a" * small_buffer)  # the first buffer's write fails in the file's thread
+    with pytest.raises(OSError, match="No space left on device"):
+        out.write(b"b" * small_buffer)  # handing over the second waits for the first
+    out.abort()
+    assert out.closed
