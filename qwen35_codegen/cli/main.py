@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import gc
 import json
 import os
 import re
@@ -14,11 +13,11 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from types import ModuleType
 from typing import NoReturn
 
 from qwen35_bridge.errors import BridgeError
 from qwen35_bridge.targets import DEFAULT_TARGET, TARGETS
+from qwen35_codegen.cli.heap import settled_heap
 from qwen35_codegen.errors import CodegenError
 
 LAYOUTS = ("packed", "per_expert")
@@ -208,7 +207,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace, workers) -> int:  # workers: qwen35_bridge.workers.Workers
-    with _settled_heap() as conversion, _output_files(page_cache=args.page_cache):
+    with settled_heap() as conversion, _output_files(page_cache=args.page_cache):
         return _convert_with(conversion, args, workers)
 
 
@@ -223,29 +222,6 @@ def _output_files(*, page_cache: bool) -> Iterator[None]:
         yield
     finally:
         direct.enabled = previous
-
-
-@contextmanager
-def _settled_heap() -> Iterator[ModuleType]:
-    """Imports the converter (and torch): the objects the import makes outlive the conversion, so
-    the garbage collector is off while they are made (the import ran 0.2-0.3 s faster), and then
-    frozen, so that its passes while the conversion allocates need not walk them (profiled, the
-    collector took 6-9% of an hf-to-megatron's CPU). Garbage is collected first, so that none is
-    kept; the collector's state is restored afterwards."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        from qwen35_codegen.cli import convert as conversion
-
-        gc.collect()
-        gc.freeze()
-        if enabled:
-            gc.enable()
-        yield conversion
-    finally:
-        gc.unfreeze()
-        if enabled:
-            gc.enable()
 
 
 def _convert_with(conversion, args: argparse.Namespace, workers) -> int:
