@@ -14,9 +14,9 @@ as root):
   hf-to-megatron       --format safetensors and --format torch_dist, with 1 and 2 workers
   megatron-to-hf       from each of those, with 1 and 2 workers
 
-in rounds of every case (after a warm-up round), medians of 3 rounds, and prints wall time,
-GB/s, the ratio to the baseline, the ratio of 2 workers to 1, and each process's peak RSS (a
-worker's, with 2). Then, unless `--big-expert-gb 0`, converts a checkpoint whose one packed
+in rounds of every case (after a warm-up round), medians of 5 rounds, and prints wall time,
+GB/s, the ratio to the baseline, the ratio of 2 workers to 1 (of the medians, and round by round,
+as the two ran back to back), and each process's peak RSS (a worker's, with 2). Then, unless `--big-expert-gb 0`, converts a checkpoint whose one packed
 expert tensor is that large (4 GB: one MoE layer of 1024 experts, no MTP) both ways in both
 formats under the default memory budget and prints each conversion's peak RSS.
 The last line reads `worst ratio to baseline: R; 2 workers / 1 worker: W; peak RSS: G GB`.
@@ -53,9 +53,13 @@ SHAPES = {"dense": "Qwen/Qwen3.5-4B", "moe": "Qwen/Qwen3.5-35B-A3B"}
 @dataclass(frozen=True)
 class Measurement:
     name: str
-    seconds: float
+    rounds: list[float]  # wall seconds, one per round
     peak_rss_bytes: int
     bytes_written: int
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.rounds)
 
 
 def _text_config(model_id: str) -> dict:
@@ -230,7 +234,7 @@ def measure_all(cases: list[Case], env: dict[str, str], repeats: int) -> list[Me
                 times[case.name].append(seconds)
                 peaks[case.name] = max(peaks[case.name], peak)
     return [
-        Measurement(c.name, statistics.median(times[c.name]), peaks[c.name], sizes[c.name])
+        Measurement(c.name, times[c.name], peaks[c.name], sizes[c.name])
         for c in cases
     ]
 
@@ -359,11 +363,19 @@ def report(shape: str, results: list[Measurement]) -> tuple[float, float]:
     conversions = results[1:]
     worst = max(m.seconds / baseline.seconds for m in conversions)
     by_name = {m.name: m for m in conversions}
-    spread = [
-        m.seconds / by_name[m.name.rsplit(", ", 1)[0] + ", 1w"].seconds
-        for m in conversions
-        if not m.name.endswith(", 1w") and m.name.rsplit(", ", 1)[0] + ", 1w" in by_name
-    ]
+    spread = []
+    for m in conversions:
+        one = by_name.get(m.name.rsplit(", ", 1)[0] + ", 1w")
+        if m.name.endswith(", 1w") or one is None:
+            continue
+        spread.append(m.seconds / one.seconds)
+        # Each round ran the two back to back: their ratio round by round shows how far apart
+        # single conversions land, which the ratio of medians alone hides.
+        paired = sorted(many / single for many, single in zip(m.rounds, one.rounds, strict=True))
+        print(
+            f"  {m.name} / 1w: {spread[-1]:.2f} (medians); round by round "
+            + " ".join(f"{r:.2f}" for r in paired)
+        )
     print(
         f"{shape}: worst ratio to baseline {worst:.2f}; more workers / one worker, worst {max(spread, default=1):.2f}"
     )
@@ -426,7 +438,7 @@ def main() -> None:
     parser.add_argument(
         "--work", type=Path, help="folder for the checkpoints (default: a temporary one)"
     )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--make-checkpoint", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     args = parser.parse_args()
