@@ -15,11 +15,12 @@ as root):
   megatron-to-hf       from each of those, with 1 and 2 workers
 
 in rounds of every case (after a warm-up round), medians of 5 rounds, and prints wall time,
-GB/s, the ratio to the baseline, the ratio of 2 workers to 1 (of the medians, and round by round,
-as the two ran back to back), and each process's peak RSS (a worker's, with 2). Then, unless `--big-expert-gb 0`, converts a checkpoint whose one packed
-expert tensor is that large (4 GB: one MoE layer of 1024 experts, no MTP) both ways in both
-formats under the default memory budget and prints each conversion's peak RSS.
-The last line reads `worst ratio to baseline: R; 2 workers / 1 worker: W; peak RSS: G GB`.
+GB/s, the ratio to the baseline, the ratio of 2 workers to 1 (of the medians, and round by
+round, as the two ran back to back), and each process's peak RSS (a worker's, with 2). Then,
+unless `--big-expert-gb 0`, converts a checkpoint whose one packed expert tensor is that large
+(4 GB: one MoE layer of 1024 experts, no MTP) both ways in both formats under the default memory
+budget and prints each conversion's peak RSS.
+The last line reads `worst ratio to baseline: R; more workers / one worker: W; peak RSS: G GB`.
 
     python benchmarks/convert.py [--shapes dense,moe] [--size-gb 4] [--workers 1,2] [--work DIR]
 """
@@ -233,10 +234,7 @@ def measure_all(cases: list[Case], env: dict[str, str], repeats: int) -> list[Me
             if round_number:  # round 0 warms the page cache, the bridge and the layout caches
                 times[case.name].append(seconds)
                 peaks[case.name] = max(peaks[case.name], peak)
-    return [
-        Measurement(c.name, times[c.name], peaks[c.name], sizes[c.name])
-        for c in cases
-    ]
+    return [Measurement(c.name, times[c.name], peaks[c.name], sizes[c.name]) for c in cases]
 
 
 def make_checkpoint(kind: str, size_gb: float, folder: Path) -> None:
@@ -368,12 +366,13 @@ def report(shape: str, results: list[Measurement]) -> tuple[float, float]:
         one = by_name.get(m.name.rsplit(", ", 1)[0] + ", 1w")
         if m.name.endswith(", 1w") or one is None:
             continue
-        spread.append(m.seconds / one.seconds)
+        ratio = m.seconds / one.seconds
+        spread.append(ratio)
         # Each round ran the two back to back: their ratio round by round shows how far apart
         # single conversions land, which the ratio of medians alone hides.
         paired = sorted(many / single for many, single in zip(m.rounds, one.rounds, strict=True))
         print(
-            f"  {m.name} / 1w: {spread[-1]:.2f} (medians); round by round "
+            f"  {m.name} / 1w: {ratio:.2f} (medians); round by round "
             + " ".join(f"{r:.2f}" for r in paired)
         )
     print(
