@@ -156,3 +156,45 @@ def test_a_failed_write_is_raised_by_the_next_hand_over(
         out.write(b"b" * small_buffer)  # handing over the second waits for the first
     out.abort()
     assert out.closed
+
+
+def test_a_closed_file_leaves_its_buffers_to_the_next(tmp_path: Path, small_buffer: int) -> None:
+    with direct.open_output(tmp_path / "first.bin") as first:
+        first.write(b"a" * (small_buffer + 1))
+        buffers = {id(buffer) for buffer in first._buffers}
+    with direct.open_output(tmp_path / "second.bin") as second:
+        assert {id(buffer) for buffer in second._buffers} == buffers  # no fresh pages
+        second.write(b"b" * 10)
+    assert (tmp_path / "first.bin").read_bytes() == b"a" * (small_buffer + 1)
+    assert (tmp_path / "second.bin").read_bytes() == b"b" * 10  # none of the first's bytes
+
+
+def test_buffers_of_another_size_are_not_reused(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(direct, "BUFFER_BYTES", 3 * direct.ALIGN)
+    with direct.open_output(tmp_path / "small.bin") as small:
+        small.write(b"a")
+    monkeypatch.setattr(direct, "BUFFER_BYTES", 5 * direct.ALIGN)
+    with direct.open_output(tmp_path / "larger.bin") as larger:
+        assert all(len(buffer) == 5 * direct.ALIGN for buffer in larger._buffers)
+        larger.write(b"b" * 4 * direct.ALIGN)
+    assert (tmp_path / "larger.bin").read_bytes() == b"b" * 4 * direct.ALIGN
+
+
+def test_a_file_given_up_leaves_no_buffers(tmp_path: Path, small_buffer: int) -> None:
+    direct._spare.clear()
+    with pytest.raises(RuntimeError), direct.open_output(tmp_path / "out.bin") as out:
+        out.write(b"x")
+        raise RuntimeError("the conversion failed")
+    assert direct._spare == []
+
+
+def test_a_forked_child_does_not_take_its_parents_buffers(tmp_path: Path) -> None:
+    with direct.open_output(tmp_path / "out.bin") as out:
+        out.write(b"x")
+    assert direct._spare  # the parent keeps them
+    child = os.fork()
+    if child == 0:  # exit status 0 only where the child kept none
+        os._exit(1 if direct._spare else 0)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert direct._spare
