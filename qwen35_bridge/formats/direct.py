@@ -15,10 +15,10 @@ A full buffer is written by a thread of the file's own while the other buffer is
 reading the sources (or copying bytes in) and writing to the disk overlap in one process, as
 they do across the processes of a conversion with several workers.
 
-A file that closes leaves its buffers to the next one (outputs are written one after another:
-safetensors shards, or a torch_dist data file after them). Their pages are then already mapped,
-and on these machines mapping fresh pages costs more than the copy into them: the two buffers of
-a file took 75-85 ms to fault in, and 10 ms to fill once mapped.
+A file that closes leaves its buffers to the next one (a safetensors output is written shard
+after shard). Their pages are then already mapped, and on these machines mapping fresh pages
+costs more than the copy into them: the two buffers of a file took 75-85 ms to fault in, and
+10 ms to fill once mapped.
 """
 
 from __future__ import annotations
