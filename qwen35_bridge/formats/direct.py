@@ -39,7 +39,8 @@ from qwen35_bridge.formats.spans import Span, read_exactly
 #: File offsets, lengths and memory O_DIRECT transfers are aligned to: the largest logical
 #: block size of common devices (most need 512).
 ALIGN = 4096
-BUFFER_BYTES = 64 << 20  # each of the two buffers a file is written through
+BUFFER_BYTES = 64 << 20  # each of the buffers a file is written through
+BUFFERS_PER_FILE = 2  # one filled while the file's thread writes the other
 
 #: Whether output files are written with O_DIRECT where the filesystem allows it.
 enabled = True
@@ -61,9 +62,9 @@ def _take_buffer() -> mmap.mmap:
 
 
 def _leave_buffer(buffer: mmap.mmap) -> None:
-    """A closed file's buffer kept for the next file, or unmapped when two are kept already."""
+    """A closed file's buffer kept for the next file, or unmapped when a file's worth is kept."""
     with _spare_lock:
-        if len(_spare) < 2:
+        if len(_spare) < BUFFERS_PER_FILE:
             _spare.append(buffer)
             return
     buffer.close()
@@ -104,7 +105,7 @@ class DirectFile:
     def __init__(self, fd: int, path: str) -> None:
         self._fd, self.name = fd, path
         # page-aligned, so aligned for O_DIRECT
-        self._buffers = [_take_buffer() for _ in range(2)]
+        self._buffers = [_take_buffer() for _ in range(BUFFERS_PER_FILE)]
         self._views = [memoryview(buffer) for buffer in self._buffers]
         self._current = 0  # which buffer is being filled
         self._filled = 0  # bytes waiting in it
