@@ -349,6 +349,33 @@ def test_read_buffers_are_reused_only_when_no_tensor_holds_them() -> None:
     assert len(buffers._storages) == 2 and larger.data_ptr() not in (address, second.data_ptr())
 
 
+def test_a_parameter_put_together_from_chunks_reuses_memory_no_tensor_uses(
+    convert_variant,
+) -> None:
+    """A parameter whose pieces lie in several keys (GDN's in_proj: its q, k, v, z, b and a) is
+    put together in memory a dropped one left, never in memory a tensor still uses: on these
+    machines fresh memory costs more than the copy into it."""
+    from qwen35_bridge.formats import torch_dist
+
+    tmp, checkpoint, _spec = convert_variant("dense-text")
+    bridge, _, _ = bridge_for_checkpoint(checkpoint.path, bridge_dir=tmp / "bridges", quiet=True)
+    name = "decoder.layers.0.self_attention.in_proj.weight"
+    with torch_dist.Reader(bridge, tmp / "dist" / "release") as reader:
+        assert len(reader._pieces[name]) > 1  # put together, not read as it lies
+        first = reader.get(name)
+        expected = first.clone()
+        second = reader.get(name)
+        assert second.data_ptr() != first.data_ptr()
+        second.zero_()
+        assert torch.equal(first, expected)  # a live tensor's memory is never handed out
+
+        del first, second
+        third = reader.get(name)
+        pooled = {s.data_ptr() for s in reader._records._buffers._storages}
+        assert third.untyped_storage().data_ptr() in pooled
+        assert torch.equal(third, expected)
+
+
 def test_quiet_conversion_prints_nothing_even_when_it_derives_the_layout(
     convert_variant, tmp_path: Path
 ) -> None:

@@ -325,6 +325,11 @@ class _Records:
             raise ConversionError(f"{key}: its record in {info.relative_path} ends before its data")
         return start
 
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Memory for a tensor put together from chunks: a buffer no tensor uses any more, where
+        there is one (fresh memory costs a page fault per page)."""
+        return self._buffers.empty(shape, dtype)
+
     def _map(
         self, relative: str, start: int, dtype: torch.dtype, shape: tuple[int, ...]
     ) -> torch.Tensor:
@@ -560,7 +565,7 @@ class Reader:
             return self._region(
                 pieces[0].key, offset, tuple(s.stop - s.start for s in tiled)
             ).reshape(shape)
-        full = torch.empty(shape, dtype=self.dtype(name))
+        full = self._records.empty(shape, self.dtype(name))  # memory a dropped parameter left
         for piece in pieces:
             chunk = self._region(piece.key, piece.offset, piece.chunk_shape)
             rows = (piece.rows[1] - piece.rows[0], *shape[1:])
