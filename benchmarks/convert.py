@@ -16,7 +16,8 @@ as root):
 
 in rounds of every case (after a warm-up round), medians of 5 rounds, and prints wall time,
 GB/s, the ratio to the baseline, the ratio of 2 workers to 1 (of the medians, and round by
-round, as the two ran back to back), and each process's peak RSS (a worker's, with 2). Then,
+round, as the two ran back to back, in turns first), and each process's peak RSS (a worker's,
+with 2). Then,
 unless `--big-expert-gb 0`, converts a checkpoint whose one packed expert tensor is that large
 (4 GB: one MoE layer of 1024 experts, no MTP) both ways in both formats under the default memory
 budget and prints each conversion's peak RSS.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import shutil
@@ -215,15 +217,27 @@ def warm(folder: Path) -> None:
                     pass
 
 
+def round_order(cases: list[Case], round_number: int) -> list[Case]:
+    """The cases of one round: a conversion's runs with different numbers of workers follow each
+    other, in reverse order every other round, so that none always finds the machine as the
+    same other run left it (a one-worker hf-to-megatron's output is kept and deleted before its
+    next run, the others' right after theirs). Cases are grouped by their name before ", "."""
+    ordered: list[Case] = []
+    for _, runs in itertools.groupby(cases, key=lambda c: c.name.rsplit(", ", 1)[0]):
+        runs = list(runs)
+        ordered += runs[::-1] if round_number % 2 else runs
+    return ordered
+
+
 def measure_all(cases: list[Case], env: dict[str, str], repeats: int) -> list[Measurement]:
-    """Rounds of every case in turn (a warm-up round first), so that the baseline and the
-    conversions meet the same state of the machine; medians over the rounds. Outputs no later
-    case reads are deleted at once, so that they do not push the sources out of the page cache."""
+    """Rounds of every case (a warm-up round first), so that the baseline and the conversions
+    meet the same state of the machine; medians over the rounds. Outputs no later case reads are
+    deleted at once, so that they do not push the sources out of the page cache."""
     times: dict[str, list[float]] = {c.name: [] for c in cases}
     peaks: dict[str, int] = {c.name: 0 for c in cases}
     sizes: dict[str, int] = {}
     for round_number in range(repeats + 1):
-        for case in cases:
+        for case in round_order(cases, round_number):
             shutil.rmtree(case.output, ignore_errors=True)
             settle(env)
             warm(case.source)
@@ -368,8 +382,8 @@ def report(shape: str, results: list[Measurement]) -> tuple[float, float]:
             continue
         ratio = m.seconds / one.seconds
         spread.append(ratio)
-        # Each round ran the two back to back: their ratio round by round shows how far apart
-        # single conversions land, which the ratio of medians alone hides.
+        # Each round ran the two back to back (in turns first): their ratio round by round shows
+        # how far apart single conversions land, which the ratio of medians alone hides.
         paired = sorted(many / single for many, single in zip(m.rounds, one.rounds, strict=True))
         print(
             f"  {m.name} / 1w: {ratio:.2f} (medians); round by round "
