@@ -17,10 +17,9 @@ as root):
 in rounds of every case (after a warm-up round), medians of 5 rounds, and prints wall time,
 GB/s, the ratio to the baseline, the ratio of 2 workers to 1 (of the medians, and round by
 round, as the two ran back to back, in turns first), and each process's peak RSS (a worker's,
-with 2). Then,
-unless `--big-expert-gb 0`, converts a checkpoint whose one packed expert tensor is that large
-(4 GB: one MoE layer of 1024 experts, no MTP) both ways in both formats under the default memory
-budget and prints each conversion's peak RSS.
+with 2). Then, unless `--big-expert-gb 0`, converts a checkpoint whose one packed expert tensor
+is that large (4 GB: one MoE layer of 1024 experts, no MTP) both ways in both formats under the
+default memory budget and prints each conversion's peak RSS.
 The last line reads `worst ratio to baseline: R; more workers / one worker: W; peak RSS: G GB`.
 
     python benchmarks/convert.py [--shapes dense,moe] [--size-gb 4] [--workers 1,2] [--work DIR]
@@ -217,14 +216,19 @@ def warm(folder: Path) -> None:
                     pass
 
 
+def conversion_of(name: str) -> str:
+    """The conversion a case's name is for, without its number of workers (`..., 2w`)."""
+    return name.rsplit(", ", 1)[0]
+
+
 def round_order(cases: list[Case], round_number: int) -> list[Case]:
     """The cases of one round: a conversion's runs with different numbers of workers follow each
     other, in reverse order every other round, so that none always finds the machine as the
     same other run left it (a one-worker hf-to-megatron's output is kept and deleted before its
-    next run, the others' right after theirs). Cases are grouped by their name before ", "."""
+    next run, the others' right after theirs)."""
     ordered: list[Case] = []
-    for _, runs in itertools.groupby(cases, key=lambda c: c.name.rsplit(", ", 1)[0]):
-        runs = list(runs)
+    for _, group in itertools.groupby(cases, key=lambda c: conversion_of(c.name)):
+        runs = list(group)
         ordered += runs[::-1] if round_number % 2 else runs
     return ordered
 
@@ -377,7 +381,7 @@ def report(shape: str, results: list[Measurement]) -> tuple[float, float]:
     by_name = {m.name: m for m in conversions}
     spread = []
     for m in conversions:
-        one = by_name.get(m.name.rsplit(", ", 1)[0] + ", 1w")
+        one = by_name.get(conversion_of(m.name) + ", 1w")
         if m.name.endswith(", 1w") or one is None:
             continue
         ratio = m.seconds / one.seconds
