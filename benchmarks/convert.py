@@ -12,17 +12,21 @@ as root):
 
   baseline             read every tensor and write it unchanged (benchmarks/io_baseline.py)
   hf-to-megatron       --format safetensors and --format torch_dist, with 1 and 2 workers
-  megatron-to-hf       from each of those, with 1 and 2 workers
+  megatron-to-hf       from each of those, with 1 and 2 workers (from Megatron checkpoints
+                       made once beforehand, untimed)
 
 in rounds of every case (after a warm-up round), medians of 5 rounds, and prints wall time,
 GB/s, the ratio to the baseline, the ratio of 2 workers to 1 (of the medians, and round by
 round, as the two ran back to back, in turns first), and each process's peak RSS (a worker's,
 with 2). Then, unless `--big-expert-gb 0`, converts a checkpoint whose one packed expert tensor
 is that large (4 GB: one MoE layer of 1024 experts, no MTP) both ways in both formats under the
-default memory budget and prints each conversion's peak RSS.
+default memory budget and prints each conversion's peak RSS. `--outputs` puts the
+conversions' outputs on another filesystem than their sources (a second disk, or tmpfs, where
+writing costs memory rather than the disk's time).
 The last line reads `worst ratio to baseline: R; more workers / one worker: W; peak RSS: G GB`.
 
     python benchmarks/convert.py [--shapes dense,moe] [--size-gb 4] [--workers 1,2] [--work DIR]
+                                 [--outputs DIR]
 """
 
 from __future__ import annotations
@@ -204,7 +208,6 @@ class Case:
     command: list[str]
     source: Path
     output: Path
-    keep: bool  # its output is the source of a later case
 
 
 def warm(folder: Path) -> None:
@@ -224,8 +227,7 @@ def conversion_of(name: str) -> str:
 def round_order(cases: list[Case], round_number: int) -> list[Case]:
     """The cases of one round: a conversion's runs with different numbers of workers follow each
     other, in reverse order every other round, so that none always finds the machine as the
-    same other run left it (a one-worker hf-to-megatron's output is kept and deleted before its
-    next run, the others' right after theirs)."""
+    same other run left it."""
     ordered: list[Case] = []
     for _, group in itertools.groupby(cases, key=lambda c: conversion_of(c.name)):
         runs = list(group)
@@ -235,8 +237,11 @@ def round_order(cases: list[Case], round_number: int) -> list[Case]:
 
 def measure_all(cases: list[Case], env: dict[str, str], repeats: int) -> list[Measurement]:
     """Rounds of every case (a warm-up round first), so that the baseline and the conversions
-    meet the same state of the machine; medians over the rounds. Outputs no later case reads are
-    deleted at once, so that they do not push the sources out of the page cache."""
+    meet the same state of the machine; medians over the rounds. Every output is deleted right
+    after its run, as none is read again: a case whose output is deleted just before its own run
+    writes into what that frees, others do not. With outputs on tmpfs, one-worker hf-to-megatron
+    runs whose outputs were kept (as megatron-to-hf's sources) that way took 0.37-0.42 of two
+    workers' time: likely, memory freed a moment before had not yet gone back to the host."""
     times: dict[str, list[float]] = {c.name: [] for c in cases}
     peaks: dict[str, int] = {c.name: 0 for c in cases}
     sizes: dict[str, int] = {}
@@ -247,8 +252,7 @@ def measure_all(cases: list[Case], env: dict[str, str], repeats: int) -> list[Me
             warm(case.source)
             seconds, peak = run(case.command, env)
             sizes[case.name] = folder_bytes(case.output)
-            if not case.keep:
-                shutil.rmtree(case.output, ignore_errors=True)
+            shutil.rmtree(case.output, ignore_errors=True)
             if round_number:  # round 0 warms the page cache, the bridge and the layout caches
                 times[case.name].append(seconds)
                 peaks[case.name] = max(peaks[case.name], peak)
@@ -301,66 +305,59 @@ def _make(kind: str, size_gb: float, folder: Path, env: dict[str, str]) -> dict:
     return json.loads(made.stdout.strip().splitlines()[-1])
 
 
-def conversion_cases(source: Path, work: Path, workers: list[int]) -> list[Case]:
-    """The baseline, then each conversion with each number of workers; the one-worker outputs
-    are the sources of the way back."""
-    codegen = [sys.executable, "-m", "qwen35_codegen", "convert"]
-    common = ["--quiet", "--max-shard-size", SHARD]
+CODEGEN_CONVERT = [sys.executable, "-m", "qwen35_codegen", "convert"]
+COMMON = ["--quiet", "--max-shard-size", SHARD]
+FORMATS = ("safetensors", "torch_dist")
+
+
+def megatron_sources(source: Path, work: Path, env: dict[str, str]) -> dict[str, Path]:
+    """The Megatron checkpoints megatron-to-hf is timed from, one per format, converted from
+    `source` once (untimed)."""
+    made = {}
+    for fmt in FORMATS:
+        made[fmt] = work / f"megatron-{fmt}"
+        shutil.rmtree(made[fmt], ignore_errors=True)
+        command = ["hf-to-megatron", str(source), str(made[fmt]), "--format", fmt]
+        subprocess.run([*CODEGEN_CONVERT, *command, *COMMON], env=env, check=True)
+    return made
+
+
+def conversion_cases(
+    source: Path, megatron: dict[str, Path], outputs: Path, workers: list[int]
+) -> list[Case]:
+    """The baseline, then each conversion with each number of workers, writing into
+    `outputs`."""
+    baseline = [sys.executable, str(REPO / "benchmarks" / "io_baseline.py")]
     cases = [
         Case(
             "I/O baseline",
-            [
-                sys.executable,
-                str(REPO / "benchmarks" / "io_baseline.py"),
-                str(source),
-                str(work / "baseline"),
-            ],
+            [*baseline, str(source), str(outputs / "baseline")],
             source,
-            work / "baseline",
-            False,
+            outputs / "baseline",
         )
     ]
-    for fmt in ("safetensors", "torch_dist"):
+    for fmt in FORMATS:
         for n in workers:
-            out = work / f"{fmt}-{n}"
+            out = outputs / f"{fmt}-{n}"
+            command = ["hf-to-megatron", str(source), str(out), "--format", fmt]
             cases.append(
                 Case(
                     f"hf-to-megatron {fmt}, {n}w",
-                    [
-                        *codegen,
-                        "hf-to-megatron",
-                        str(source),
-                        str(out),
-                        "--format",
-                        fmt,
-                        "--workers",
-                        str(n),
-                        *common,
-                    ],
+                    [*CODEGEN_CONVERT, *command, "--workers", str(n), *COMMON],
                     source,
                     out,
-                    n == workers[0],
                 )
             )
-    for fmt in ("safetensors", "torch_dist"):
+    for fmt in FORMATS:
         for n in workers:
-            megatron = work / f"{fmt}-{workers[0]}"
-            out = work / f"back-{fmt}-{n}"
+            out = outputs / f"back-{fmt}-{n}"
+            command = ["megatron-to-hf", str(megatron[fmt]), str(out)]
             cases.append(
                 Case(
                     f"megatron-to-hf from {fmt}, {n}w",
-                    [
-                        *codegen,
-                        "megatron-to-hf",
-                        str(megatron),
-                        str(out),
-                        "--workers",
-                        str(n),
-                        *common,
-                    ],
-                    megatron,
+                    [*CODEGEN_CONVERT, *command, "--workers", str(n), *COMMON],
+                    megatron[fmt],
                     out,
-                    False,
                 )
             )
     return cases
@@ -407,8 +404,6 @@ def big_expert(work: Path, env: dict[str, str], size_gb: float) -> int:
         f"\nbig packed expert: {info['bytes'] / 1e9:.2f} GB, one layer of {info['experts']} experts; "
         f"its packed gate_up_proj alone {info['largest_group'] / 1e9:.2f} GB"
     )
-    codegen = [sys.executable, "-m", "qwen35_codegen", "convert"]
-    common = ["--quiet", "--max-shard-size", SHARD]
     steps = [
         (
             "hf-to-megatron torch_dist",
@@ -436,7 +431,7 @@ def big_expert(work: Path, env: dict[str, str], size_gb: float) -> int:
     peak = 0
     for name, args in steps:
         settle(env)
-        seconds, rss = run([*codegen, *args, *common], env)
+        seconds, rss = run([*CODEGEN_CONVERT, *args, *COMMON], env)
         peak = max(peak, rss)
         print(f"{name:38} {seconds:7.2f} s  peak RSS {rss / 1e9:.2f} GB")
     for name in ("big-hf", "big-dist", "big-back", "big-meg", "big-back2"):
@@ -455,6 +450,11 @@ def main() -> None:
     parser.add_argument(
         "--work", type=Path, help="folder for the checkpoints (default: a temporary one)"
     )
+    parser.add_argument(
+        "--outputs",
+        type=Path,
+        help="folder for the conversions' outputs (default: --work), e.g. on another filesystem",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--make-checkpoint", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
@@ -464,6 +464,8 @@ def main() -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="codegen-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.outputs:
+        args.outputs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache"), "TORCHDYNAMO_DISABLE": "1"}
     workers = [int(n) for n in args.workers.split(",")]
     worst, spread = 0.0, 0.0
@@ -475,13 +477,13 @@ def main() -> None:
             f"{info['layers']} layers + 1 MTP, {info['experts']} experts, vocab {info['vocab']}; "
             f"largest group {info['largest_group'] / 1e9:.3f} GB"
         )
-        cases = conversion_cases(source, work, workers)
+        megatron = megatron_sources(source, work, env)
+        cases = conversion_cases(source, megatron, args.outputs or work, workers)
         results = measure_all(cases, env, args.repeats)
         shape_worst, shape_spread = report(shape, results)
         worst, spread = max(worst, shape_worst), max(spread, shape_spread)
-        for case in cases:
-            shutil.rmtree(case.output, ignore_errors=True)
-        shutil.rmtree(source, ignore_errors=True)
+        for folder in (source, *megatron.values()):
+            shutil.rmtree(folder, ignore_errors=True)
     peak = big_expert(work, env, args.big_expert_gb) if args.big_expert_gb else 0
     if peak:
         print(f"big packed expert: peak RSS {peak / 1e9:.2f} GB (bound 2.5 GB)")
