@@ -54,6 +54,9 @@ MOE_LAYERS = 4  # one period of the schedule: 3 GDN + 1 gated attention
 DENSE_LAYERS = 16
 VOCAB = 32768
 SHAPES = {"dense": "Qwen/Qwen3.5-4B", "moe": "Qwen/Qwen3.5-35B-A3B"}
+CODEGEN_CONVERT = [sys.executable, "-m", "qwen35_codegen", "convert"]
+COMMON = ["--quiet", "--max-shard-size", SHARD]
+FORMATS = ("safetensors", "torch_dist")
 
 
 @dataclass(frozen=True)
@@ -303,11 +306,6 @@ def _make(kind: str, size_gb: float, folder: Path, env: dict[str, str]) -> dict:
         text=True,
     )
     return json.loads(made.stdout.strip().splitlines()[-1])
-
-
-CODEGEN_CONVERT = [sys.executable, "-m", "qwen35_codegen", "convert"]
-COMMON = ["--quiet", "--max-shard-size", SHARD]
-FORMATS = ("safetensors", "torch_dist")
 
 
 def megatron_sources(source: Path, work: Path, env: dict[str, str]) -> dict[str, Path]:
